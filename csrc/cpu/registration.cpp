@@ -1,0 +1,53 @@
+// peft_kernels._C: op schemas, their CPU kernels, and build_info().
+#include "../soft_prompt_embed.h"
+
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <string>
+
+TORCH_LIBRARY_FRAGMENT(peft_kernels, m) {
+  m.def(
+      "soft_prompt_embed_fwd(Tensor input_ids, Tensor weight, Tensor prompts, Tensor? prompt_index, "
+      "Tensor? prompt_lens, int insert_at) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
+  m.impl("soft_prompt_embed_fwd", &peft_kernels::soft_prompt_embed_fwd_cpu);
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["omp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["omp_max_threads"] = 1;
+#endif
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
+                          "." + std::to_string(TORCH_VERSION_PATCH);
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  info["cplusplus"] = __cplusplus;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "peft_kernels C++ (CPU) ops; importing this module registers them with torch.ops.peft_kernels";
+  m.def("build_info", &build_info, "How this extension was built");
+}

@@ -1,0 +1,30 @@
+"""peft_kernels: fused kernels for parameter-efficient fine-tuning.
+
+Ops (each a ``torch.ops.peft_kernels`` custom op with autograd, fake/meta and a backend
+dispatcher): :func:`prefix_attention`, :func:`multi_lora`, :func:`soft_prompt_embed`,
+:func:`soft_prompt_concat`, :func:`soft_prompt_mask`. See ``reference`` for the exact
+semantics, ``info()`` for what is available on this machine.
+"""
+from . import reference
+from ._info import info
+from .ops import multi_lora, prefix_attention, soft_prompt_concat, soft_prompt_embed, soft_prompt_mask
+from .ops._dispatch import BACKENDS, BackendUnavailableError, last_backend, use_backend
+from . import triton as _triton_kernels  # registers the Triton backend's kernels
+from .integrations.peft import patch, unpatch
+
+__version__ = "0.1.0"
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "info",
+    "last_backend",
+    "multi_lora",
+    "patch",
+    "prefix_attention",
+    "reference",
+    "soft_prompt_concat",
+    "soft_prompt_embed",
+    "soft_prompt_mask",
+    "unpatch",
+    "use_backend",
+]

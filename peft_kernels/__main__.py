@@ -1,0 +1,31 @@
+"""Command line: ``python -m peft_kernels {info,demo}``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peft_kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, device, and which backends are available (and why not)")
+    p_info.add_argument("--json", action="store_true", help="print the raw dict as JSON")
+    p_demo = sub.add_parser("demo", help="run every op on a small batch against today's baselines")
+    p_demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p_demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        from ._info import format_info, info
+
+        data = info()
+        print(json.dumps(data, indent=2, default=str) if args.json else format_info(data))
+        return 0
+    from .demo import run_demo
+
+    return run_demo(device=args.device, seed=args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Hooks into other libraries: transformers (AttentionInterface, module swaps) and peft (patch, checkpoint io)."""

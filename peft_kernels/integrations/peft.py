@@ -1,0 +1,119 @@
+"""``peft_kernels.patch(peft_model)``: run a ``peft`` model on peft_kernels ops, in place.
+
+The patched model keeps PEFT's own modules and parameters (training and ``save_pretrained``
+work as before); only the forward and ``generate`` routes change.
+"""
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+from torch import nn
+
+from ..methods.lora import stack_lora
+from ..methods.prompt_model import generate_with_prompts, prompt_inputs
+from ..ops import multi_lora
+
+SUPPORTED = ("PROMPT_TUNING", "P_TUNING", "LORA")
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+def _peft_type(peft_model) -> str:
+    kind = peft_model.active_peft_config.peft_type
+    return getattr(kind, "value", kind)
+
+
+def _prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                    output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    """PEFT's prompt-learning forward, with the embedding lookup and prompt insertion fused."""
+    self._adjust_prompt_learning_kwargs(self.active_peft_config, kwargs=kwargs)
+    bank = self.get_prompt(batch_size=1, task_ids=task_ids)
+    inputs = prompt_inputs(self.base_model, bank, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                           attention_mask=attention_mask, labels=labels)
+    return self.base_model(**inputs, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+
+def _prompt_generate(self, input_ids=None, attention_mask=None, task_ids=None, **kwargs):
+    """Greedy/sampled generation after the prompt; the prompt enters the KV cache once."""
+    if input_ids is None:
+        raise ValueError("generate needs input_ids")
+    bank = self.get_prompt(batch_size=1, task_ids=task_ids)
+    inputs = prompt_inputs(self.base_model, bank.detach(), input_ids=input_ids, attention_mask=attention_mask)
+    return generate_with_prompts(self.base_model, input_ids, inputs, **kwargs)
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    """PEFT LoRA ``Linear.forward`` as one ``multi_lora`` call (single, stacked or mixed batch).
+
+    Falls back to PEFT's own forward for what the op does not model: merged or disabled
+    adapters, variants (DoRA, aLoRA), LoRA biases and extra arguments.
+    """
+    adapter_names = kwargs.get("adapter_names")
+    names = list(self.active_adapters) if adapter_names is None else sorted(set(adapter_names) - {BASE})
+    names = [n for n in names if n in self.lora_A]
+    plain = (not args and set(kwargs) <= {"adapter_names"} and not self.disable_adapters and not self.merged
+             and not any(n in getattr(self, "lora_variant", {}) or getattr(self, "lora_bias", {}).get(n, False)
+                         for n in names))
+    if not plain or not names:
+        return type(self).forward(self, x, *args, **kwargs)
+    if adapter_names is not None:
+        self._check_forward_args(x, adapter_names=adapter_names)
+    result = self.base_layer(x)
+    dtype = self.lora_A[names[0]].weight.dtype
+    lora_a, lora_b, ranks = stack_lora([self.lora_A[n].weight for n in names], [self.lora_B[n].weight for n in names], dtype)
+    scaling = torch.tensor([float(self.scaling[n]) for n in names], device=x.device)
+    xa = self._cast_input_dtype(x, dtype)
+    if adapter_names is not None:
+        index = torch.tensor([names.index(n) if n in names else -1 for n in adapter_names], device=x.device)
+        out = multi_lora(xa, lora_a, lora_b, index, scaling, ranks=ranks, base=result.to(dtype), validate=False)
+        return out.to(result.dtype)
+    out = result.to(dtype)
+    for t, name in enumerate(names):  # several active adapters add up, as in PEFT
+        out = multi_lora(self.lora_dropout[name](xa), lora_a[t : t + 1], lora_b[t : t + 1], None, scaling[t : t + 1],
+                         ranks=ranks[t : t + 1], base=out, validate=False)
+    return out.to(result.dtype)
+
+
+def _lora_layers(peft_model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    return [m for m in peft_model.modules() if isinstance(m, PeftLoraLinear)]
+
+
+def patch(peft_model: nn.Module) -> nn.Module:
+    """Make a ``peft.PeftModelForCausalLM`` run on peft_kernels ops; returns the same object.
+
+    Semantics: prompt tuning and P-tuning: one fused embed + prompt op per forward; logits equal
+    PEFT's forward (to dtype tolerance); ``generate`` decodes greedily exactly as repeated PEFT
+    forwards would, with the prompt embedded once. LoRA: every ``Linear`` LoRA layer runs one
+    ``multi_lora`` call, also for PEFT's mixed batches (``adapter_names=``), instead of a
+    Python loop over adapters. ``unpatch`` restores PEFT's routes.
+    """
+    try:
+        from peft import PeftModelForCausalLM
+    except ImportError as exc:  # pragma: no cover - peft is an optional dependency
+        raise ImportError("peft_kernels.patch needs the `peft` package: pip install peft") from exc
+    if not isinstance(peft_model, PeftModelForCausalLM):
+        raise TypeError(f"patch takes a peft.PeftModelForCausalLM, got {type(peft_model).__name__}")
+    kind = _peft_type(peft_model)
+    if kind not in SUPPORTED:
+        raise ValueError(f"patch: {kind} models are not supported yet; supported: {', '.join(SUPPORTED)}")
+    if kind == "LORA":
+        for layer in _lora_layers(peft_model):
+            layer.forward = MethodType(_lora_forward, layer)
+    else:
+        peft_model.forward = MethodType(_prompt_forward, peft_model)
+        peft_model.generate = MethodType(_prompt_generate, peft_model)
+    peft_model._peft_kernels_patched = kind
+    return peft_model
+
+
+def unpatch(peft_model: nn.Module) -> nn.Module:
+    """Undo :func:`patch` (PEFT's own forward and generate again)."""
+    if getattr(peft_model, "_peft_kernels_patched", None) == "LORA":
+        for layer in _lora_layers(peft_model):
+            layer.__dict__.pop("forward", None)
+    for name in ("forward", "generate", "_peft_kernels_patched"):
+        peft_model.__dict__.pop(name, None)
+    return peft_model

@@ -1,0 +1,243 @@
+"""LoRA with a bank of adapters per layer: one ``multi_lora`` call serves (and trains) a batch
+whose rows use different adapters of different ranks.
+
+:func:`apply_lora` swaps ``nn.Linear`` targets for :class:`LoraLinear`; every swapped layer
+shares one :class:`AdapterRouting`, so adapter slots are the same in every layer and the
+per-row adapter index is built (and validated) once per batch, not once per layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import multi_lora
+
+
+class AdapterRouting:
+    """Which adapter slot each row of the current batch uses; shared by all LoRA layers.
+
+    Semantics: ``names`` fixes the slot order; :meth:`use` sets one adapter for every row, a
+    list with a name (or None = base model) per row, or None (adapters off). The index tensor
+    is validated here, once, and the layers call the op with ``validate=False``.
+    """
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.index: Optional[Tensor] = None  # [B] slot per row, -1 = none; None = adapters off
+
+    def slot(self, name: str) -> int:
+        if name not in self.names:
+            raise ValueError(f"unknown adapter {name!r}; loaded: {self.names}")
+        return self.names.index(name)
+
+    def index_for(self, selection: Union[None, str, Sequence[Optional[str]]], rows: int, device) -> Optional[Tensor]:
+        """The per-row slot tensor [rows] for ``selection`` (None when no row uses an adapter)."""
+        if selection is None:
+            return None
+        per_row = [selection] * rows if isinstance(selection, str) else list(selection)
+        if len(per_row) != rows:
+            raise ValueError(f"adapter selection has {len(per_row)} entries for a batch of {rows} rows")
+        slots = [-1 if name is None else self.slot(name) for name in per_row]
+        return torch.tensor(slots, dtype=torch.int32, device=device)
+
+    @contextlib.contextmanager
+    def use(self, index: Optional[Tensor]) -> Iterator[None]:
+        previous, self.index = self.index, index
+        try:
+            yield
+        finally:
+            self.index = previous
+
+
+def _kaiming_a(rank: int, fan_in: int, generator: Optional[torch.Generator]) -> Tensor:
+    # nn.Linear's default init (kaiming uniform, a=sqrt(5)), as PEFT initialises lora_A.
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(rank, fan_in).uniform_(-bound, bound, generator=generator)
+
+
+class LoraLinear(nn.Module):
+    """``nn.Linear`` plus a bank of LoRA adapters, applied per row with ``multi_lora``.
+
+    Shapes: lora_A [T, R, in_features], lora_B [T, out_features, R] (R = the largest rank),
+    ranks [T] int32, scaling [T] fp32; forward x [..., in_features] -> [..., out_features].
+    Semantics: y = base(x) + scaling[t] * dropout_t(x) @ A[t, :r]^T @ B[t, :, :r]^T with t the
+    row's slot from the shared routing (rank 0 = this adapter does not target this layer).
+    The bank is stored in the adapters' dtype (fp32 by default); x and base(x) are cast to it
+    and the result back. ``merge(name)`` folds one adapter into the base weight.
+    """
+
+    def __init__(self, base: nn.Linear, routing: AdapterRouting, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.routing = routing
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(0, 0, base.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(0, base.out_features, 0, dtype=dtype, device=device))
+        self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32, device=device))
+        self.register_buffer("scaling", torch.zeros(0, dtype=torch.float32, device=device))
+        self.dropout: list[float] = []
+        self.merged: Optional[str] = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def _rebuild(self, a: Tensor, b: Tensor) -> None:
+        self.lora_A = nn.Parameter(a, requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(b, requires_grad=self.lora_B.requires_grad)
+
+    @torch.no_grad()
+    def add_slot(self, a: Optional[Tensor], b: Optional[Tensor], scaling: float, dropout: float = 0.0) -> None:
+        """Append one slot: ``a`` [r, in], ``b`` [out, r] (both None: rank 0, not targeted here)."""
+        T, R = self.lora_A.shape[0], self.lora_A.shape[1]
+        r = 0 if a is None else a.shape[0]
+        if a is not None and (a.shape != (r, self.in_features) or b is None or b.shape != (self.out_features, r)):
+            raise ValueError(f"adapter weights must be A [r, {self.in_features}] and B [{self.out_features}, r], got "
+                             f"A {list(a.shape)} and B {None if b is None else list(b.shape)}")
+        R2 = max(R, r)
+        new_a = self.lora_A.new_zeros(T + 1, R2, self.in_features)
+        new_b = self.lora_B.new_zeros(T + 1, self.out_features, R2)
+        new_a[:T, :R] = self.lora_A
+        new_b[:T, :, :R] = self.lora_B
+        if r:
+            new_a[T, :r] = a.to(new_a)
+            new_b[T, :, :r] = b.to(new_b)
+        self._rebuild(new_a, new_b)
+        self.ranks = torch.cat([self.ranks, self.ranks.new_tensor([r])])
+        self.scaling = torch.cat([self.scaling, self.scaling.new_tensor([scaling if r else 0.0])])
+        self.dropout.append(dropout)
+
+    @torch.no_grad()
+    def remove_slot(self, slot: int) -> None:
+        keep = [t for t in range(self.lora_A.shape[0]) if t != slot]
+        ranks = self.ranks[keep]
+        R = int(ranks.max()) if len(keep) else 0
+        self._rebuild(self.lora_A[keep, :R].clone(), self.lora_B[keep, :, :R].clone())
+        self.ranks, self.scaling = ranks, self.scaling[keep]
+        self.dropout = [self.dropout[t] for t in keep]
+
+    def weights(self, slot: int) -> tuple[Tensor, Tensor]:
+        """(A [r, in], B [out, r]) of one slot (views into the bank)."""
+        r = int(self.ranks[slot])
+        return self.lora_A[slot, :r], self.lora_B[slot, :, :r]
+
+    def delta_weight(self, slot: int) -> Tensor:
+        a, b = self.weights(slot)
+        return (b.float() @ a.float()) * float(self.scaling[slot])
+
+    @torch.no_grad()
+    def merge(self, slot: int, name: str) -> None:
+        if self.merged is not None:
+            raise ValueError(f"adapter {self.merged!r} is already merged; unmerge it first")
+        self.base.weight += self.delta_weight(slot).to(self.base.weight.dtype)
+        self.merged = name
+
+    @torch.no_grad()
+    def unmerge(self, slot: int) -> None:
+        if self.merged is None:
+            return
+        self.base.weight -= self.delta_weight(slot).to(self.base.weight.dtype)
+        self.merged = None
+
+    def _row_dropout(self, x: Tensor, index: Tensor) -> Tensor:
+        p = torch.tensor(self.dropout, device=x.device)[index.long().clamp(min=0)]  # [B] per-row rate
+        p = p.view(-1, *([1] * (x.dim() - 1)))
+        keep = torch.rand_like(x) >= p
+        return x * keep / (1 - p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        index = self.routing.index
+        if index is None or self.lora_A.shape[0] == 0:
+            return y
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.merged!r} is merged into this layer; unmerge before routing rows")
+        dtype = self.lora_A.dtype
+        xa = x.to(dtype)
+        if self.training and any(self.dropout):
+            xa = self._row_dropout(xa, index)
+        out = multi_lora(xa, self.lora_A, self.lora_B, index, self.scaling, ranks=self.ranks, base=y.to(dtype),
+                         validate=False)
+        return out.to(y.dtype)
+
+
+def find_targets(model: nn.Module, target_modules: Union[str, Iterable[str]]) -> list[str]:
+    """Names of the ``nn.Linear`` modules to adapt.
+
+    Semantics: ``"all-linear"`` = every nn.Linear except the output head (the module the
+    model's ``get_output_embeddings`` returns); a list entry matches a module whose name equals
+    it or ends with ``.`` + it (PEFT's rule); a plain string is a full-match regex.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        if target_modules == "all-linear":
+            hit = True
+        elif isinstance(target_modules, str):
+            hit = re.fullmatch(target_modules, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in target_modules)
+        if hit:
+            found.append(name)
+    return found
+
+
+def apply_lora(model: nn.Module, target_modules: Union[str, Iterable[str]], routing: Optional[AdapterRouting] = None,
+               dtype: torch.dtype = torch.float32) -> AdapterRouting:
+    """Swap the target ``nn.Linear`` modules of ``model`` for :class:`LoraLinear`, in place.
+
+    Semantics: already-swapped modules are kept; returns the shared routing. The base weights
+    are untouched (the frozen path is the original module).
+    """
+    routing = routing or AdapterRouting()
+    names = find_targets(model, target_modules)
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in {type(model).__name__}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        if not isinstance(module, LoraLinear):
+            lora = LoraLinear(module, routing, dtype)
+            for _ in routing.names:  # slots that exist already: rank 0 here
+                lora.add_slot(None, None, 0.0)
+            setattr(parent, child, lora)
+    return routing
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """``{module name: LoraLinear}`` of a model (names as in the unwrapped model)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """LoRA's output scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def stack_lora(a: Sequence[Tensor], b: Sequence[Tensor], dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack per-adapter LoRA weights into one bank.
+
+    Shapes: a: T tensors [r_t, in]; b: T tensors [out, r_t]; returns (lora_a [T, R, in],
+    lora_b [T, out, R], ranks [T] int32) with R = max r_t, zero padding beyond each rank.
+    Semantics: differentiable w.r.t. every input (so a training step reaches each adapter).
+    """
+    dtype = dtype or a[0].dtype
+    R = max(w.shape[0] for w in a)
+    lora_a = torch.stack([nn.functional.pad(w.to(dtype), (0, 0, 0, R - w.shape[0])) for w in a])
+    lora_b = torch.stack([nn.functional.pad(w.to(dtype), (0, R - w.shape[1])) for w in b])
+    ranks = torch.tensor([w.shape[0] for w in a], dtype=torch.int32, device=lora_a.device)
+    return lora_a, lora_b, ranks

@@ -1,0 +1,155 @@
+"""Backend registry and selection: each op runs on the fastest backend that can take the call.
+
+Backends: ``reference`` (torch, any device), ``cpp`` (csrc/cpu, CPU tensors), ``triton``
+(CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` (csrc/cuda).
+
+``PEFT_KERNELS_BACKEND=<name>`` (or ``with peft_kernels.use_backend(name):``) forces one: an
+unknown name, or a backend that cannot run on the tensors' device, raises
+:class:`BackendUnavailableError`. An op the forced backend has no kernel for, or whose
+shape it does not support, runs on the next backend in the normal order;
+``peft_kernels.info()`` lists which ops each backend covers.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .. import _ext
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+_PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+# Process-wide, not a ContextVar: autograd runs CUDA backward passes on its own device threads,
+# which must see the backend the forward was forced to.
+_forced: list[Optional[str]] = [None]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run here (not built, not importable, or wrong device)."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    fn: Callable
+    # Returns None when the kernel takes these arguments, else the reason it does not.
+    supports: Optional[Callable[..., Optional[str]]] = None
+
+
+_KERNELS: dict[str, dict[str, Kernel]] = {}
+_LAST: dict[str, str] = {}
+
+
+def register(op: str, backend: str, fn: Callable, supports: Optional[Callable[..., Optional[str]]] = None) -> None:
+    """Register ``fn`` as ``backend``'s kernel for ``op`` (same arguments as the reference)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    _KERNELS.setdefault(op, {})[backend] = Kernel(fn, supports)
+
+
+def register_native(op: str, native: str, supports: Optional[Callable[..., Optional[str]]] = None) -> None:
+    """Register ``torch.ops.peft_kernels.<native>`` as the ``cpp`` and/or ``cuda`` kernel of
+    ``op`` for each device its compiled extension has a kernel for (nothing when not built)."""
+    qualified = f"peft_kernels::{native}"
+    if not _ext.CPU.loaded or not hasattr(torch.ops.peft_kernels, native):
+        return
+    for backend, ext, key in (("cpp", _ext.CPU, "CPU"), ("cuda", _ext.CUDA, "CUDA")):
+        if ext.loaded and torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key):
+            register(op, backend, getattr(torch.ops.peft_kernels, native), supports)
+
+
+def kernels(op: str) -> dict[str, Kernel]:
+    return _KERNELS.get(op, {})
+
+
+def ops_of(backend: str) -> list[str]:
+    return sorted(op for op, impls in _KERNELS.items() if backend in impls)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return False, f"triton not importable: {exc}"
+    return True, f"triton {triton.__version__}"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def status(device_type: str) -> dict[str, tuple[bool, str]]:
+    """``{backend: (usable on device_type, why / version)}`` for every backend."""
+    out = {"reference": (True, "pure torch")}
+    if device_type == "cpu":
+        out["cpp"] = (_ext.CPU.loaded, "csrc/cpu loaded" if _ext.CPU.loaded else _ext.CPU.error)
+    else:
+        out["cpp"] = (False, "CPU tensors only")
+    ok, why = _triton_status()
+    if ok and device_type == "cpu" and not _interpreting():
+        ok, why = False, "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    if ok and device_type == "cuda" and not torch.cuda.is_available():
+        ok, why = False, "no CUDA device"
+    out["triton"] = (ok, why)
+    if device_type != "cuda":
+        out["cuda"] = (False, "CUDA tensors only")
+    elif not _ext.CUDA.loaded:
+        out["cuda"] = (False, _ext.CUDA.error)
+    elif not torch.cuda.is_available():
+        out["cuda"] = (False, "csrc/cuda loaded, but no CUDA device")
+    else:
+        out["cuda"] = (True, "csrc/cuda loaded")
+    return out
+
+
+def forced_backend() -> Optional[str]:
+    name = _forced[0] or os.environ.get("PEFT_KERNELS_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise BackendUnavailableError(
+            f"PEFT_KERNELS_BACKEND={name!r} is not a backend; choose one of {', '.join(BACKENDS)}"
+        )
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force ``name`` for every op called inside the block (``None`` restores automatic choice)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    previous, _forced[0] = _forced[0], name
+    try:
+        yield
+    finally:
+        _forced[0] = previous
+
+
+def last_backend(op: str) -> Optional[str]:
+    """The backend that ran the most recent call of ``op`` in this process (None before any)."""
+    return _LAST.get(op)
+
+
+def select(op: str, device: torch.device, *args) -> tuple[str, Callable]:
+    """The backend name and kernel that will run ``op`` on ``args`` (tensors on ``device``)."""
+    impls = _KERNELS[op]
+    device_type = device.type if device.type in _PREFERENCE else "cpu"
+    usable = status(device_type)
+    order = _PREFERENCE[device_type]
+    forced = forced_backend()
+    if forced is not None:
+        ok, why = usable[forced]
+        if not ok:
+            raise BackendUnavailableError(f"backend {forced!r} forced but unavailable for {device} tensors: {why}")
+        order = (forced,) + tuple(b for b in order if b != forced)
+    for name in order:
+        kernel = impls.get(name)
+        if kernel is None or not usable[name][0]:
+            continue
+        if kernel.supports is not None and kernel.supports(*args) is not None:
+            continue
+        _LAST[op] = name
+        return name, kernel.fn
+    raise BackendUnavailableError(f"no backend can run {op} on {device}")  # reference takes anything

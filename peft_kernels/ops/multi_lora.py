@@ -1,0 +1,119 @@
+"""``multi_lora``: every row of a batch through its own LoRA adapter, forward and backward.
+
+Validation -> backend dispatch -> autograd registration. Many adapters train in one batch:
+each adapter's gradient sums over its own rows only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import _checks as C
+from ._dispatch import register, register_native, select
+
+
+@torch.library.custom_op("peft_kernels::multi_lora", mutates_args=())
+def _lora_op(
+    x: Tensor, lora_a: Tensor, lora_b: Tensor, adapter_index: Optional[Tensor], scaling: Tensor,
+    ranks: Optional[Tensor], base: Optional[Tensor],
+) -> Tensor:
+    args = (x, lora_a, lora_b, adapter_index, scaling, ranks, base)
+    return select("multi_lora", x.device, *args)[1](*args)
+
+
+@_lora_op.register_fake
+def _(x, lora_a, lora_b, adapter_index, scaling, ranks, base):
+    return x.new_empty(x.shape[0], lora_b.shape[1])
+
+
+@torch.library.custom_op("peft_kernels::multi_lora_backward", mutates_args=())
+def _lora_backward_op(
+    grad_y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, adapter_index: Optional[Tensor],
+    scaling: Tensor, ranks: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    args = (grad_y, x, lora_a, lora_b, adapter_index, scaling, ranks)
+    return select("multi_lora_backward", x.device, *args)[1](*args)
+
+
+@_lora_backward_op.register_fake
+def _(grad_y, x, lora_a, lora_b, adapter_index, scaling, ranks):
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _setup(ctx, inputs, output):
+    x, lora_a, lora_b, adapter_index, scaling, ranks, base = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, adapter_index, scaling, ranks)
+    ctx.has_base = base is not None
+
+
+def _backward(ctx, grad):
+    x, lora_a, lora_b, adapter_index, scaling, ranks = ctx.saved_tensors
+    grad = grad.contiguous()
+    dx, da, db = _lora_backward_op(grad, x, lora_a, lora_b, adapter_index, scaling, ranks)
+    dbase = grad if ctx.has_base and ctx.needs_input_grad[6] else None
+    return dx, da, db, None, None, None, dbase
+
+
+_lora_op.register_autograd(_backward, setup_context=_setup)
+
+register("multi_lora", "reference", reference.multi_lora)
+register("multi_lora_backward", "reference", reference.multi_lora_backward)
+register_native("multi_lora", "multi_lora_fwd")
+
+
+def multi_lora(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    adapter_index: Optional[Tensor],
+    scaling: Tensor,
+    *,
+    ranks: Optional[Tensor] = None,
+    base: Optional[Tensor] = None,
+    validate: bool = True,
+) -> Tensor:
+    """Batched mixed-adapter LoRA: ``y = base + scaling[t] * x @ A[t]^T @ B[t]^T`` per row.
+
+    Shapes: x [..., H_in] (N rows after flattening); lora_a [T, R, H_in] (PEFT ``lora_A.weight``
+    stacked); lora_b [T, H_out, R] (``lora_B.weight`` stacked); adapter_index [N], or [B] for x
+    [B, L, H_in] (one adapter per sequence), or None (T == 1, or T == N); scaling [T] float;
+    ranks [T] int or None (all R); base [..., H_out] or None. Returns [..., H_out] in x's dtype.
+
+    Semantics: row n uses adapter t = adapter_index[n] with its first ranks[t] rank slots
+    (zero-padding beyond is never read by the kernels); -1 rows get base (or 0); the rank-space
+    intermediate is fp32. Backward gives dx, dlora_a, dlora_b (each adapter's over its own
+    rows) and dbase; scaling and the indices are constants.
+    """
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor [..., H_in] with at least 2 dims, got {C.shape_of(x) if isinstance(x, Tensor) else type(x).__name__}")
+    C.tensor("x", x, x.dim(), layout="[..., H_in]")
+    C.tensor("lora_a", lora_a, 3, layout="[T, R, H_in]")
+    C.tensor("lora_b", lora_b, 3, layout="[T, H_out, R]")
+    T, R, H_in = lora_a.shape
+    H_out = lora_b.shape[1]
+    C.dim_equal("x.shape[-1] (H_in)", x.shape[-1], H_in, f"x {C.shape_of(x)} vs lora_a {C.shape_of(lora_a)}")
+    if lora_b.shape[0] != T or lora_b.shape[2] != R:
+        raise ValueError(f"lora_b must be [T={T}, H_out, R={R}] to match lora_a {C.shape_of(lora_a)}, "
+                         f"got {C.shape_of(lora_b)}")
+    C.same_dtype("x", x, lora_a=lora_a, lora_b=lora_b, base=base)
+    C.tensor("scaling", scaling, 1, layout="[T]")
+    C.dim_equal("scaling.shape[0]", scaling.shape[0], T, f"one scale per adapter (lora_a {C.shape_of(lora_a)})")
+    C.same_device("x", x, lora_a=lora_a, lora_b=lora_b, adapter_index=adapter_index, scaling=scaling,
+                  ranks=ranks, base=base)
+
+    lead = x.shape[:-1]
+    N = x.shape[:-1].numel()
+    if adapter_index is not None and x.dim() == 3 and adapter_index.dim() == 1 and adapter_index.shape[0] == x.shape[0] != N:
+        adapter_index = adapter_index[:, None].expand(x.shape[0], x.shape[1]).reshape(N)
+    C.bank_index("adapter_index", adapter_index, N, T, f"lora_a {C.shape_of(lora_a)}", validate)
+    C.lengths("ranks", ranks, T, R, f"the padded rank R = {R}", validate)
+    if base is not None and tuple(base.shape) != (*lead, H_out):
+        raise ValueError(f"base must be {[*lead, H_out]} (x {C.shape_of(x)}, lora_b {C.shape_of(lora_b)}), "
+                         f"got {C.shape_of(base)}")
+    x2 = x.reshape(N, H_in)
+    base2 = None if base is None else base.reshape(N, H_out)
+    y = _lora_op(x2, lora_a, lora_b, adapter_index, scaling.float(), ranks, base2)
+    return y.reshape(*lead, H_out)

@@ -1,0 +1,135 @@
+"""``prefix_attention``: attention over a per-layer prefix bank plus the row's own keys.
+
+Validation -> backend dispatch -> autograd registration. The prefix K/V are a second key
+source read straight from the bank ``[T, Hkv, P, D]``: never concatenated, never copied per row.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import _checks as C
+from ._dispatch import register, select
+
+
+@torch.library.custom_op("peft_kernels::prefix_attention", mutates_args=())
+def _attn_op(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_index: Optional[Tensor],
+    prefix_lens: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float,
+) -> tuple[Tensor, Tensor]:
+    args = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, softmax_scale)
+    return select("prefix_attention", q.device, *args)[1](*args)
+
+
+@_attn_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, softmax_scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("peft_kernels::prefix_attention_backward", mutates_args=())
+def _attn_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    prefix_index: Optional[Tensor], prefix_lens: Optional[Tensor], key_padding_mask: Optional[Tensor],
+    causal: bool, softmax_scale: float, out: Tensor, lse: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    args = (grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal,
+            softmax_scale, out, lse)
+    return select("prefix_attention_backward", q.device, *args)[1](*args)
+
+
+@_attn_backward_op.register_fake
+def _(grad_out, q, k, v, prefix_k, prefix_v, *rest):
+    return tuple(torch.empty_like(t) for t in (q, k, v, prefix_k, prefix_v))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse = ctx.saved_tensors
+    grads = _attn_backward_op(
+        grad_out.contiguous(), q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
+        ctx.causal, ctx.scale, out, lse,
+    )
+    return (*grads, None, None, None, None, None)
+
+
+_attn_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _reference_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
+                        causal, softmax_scale, out, lse):
+    return reference.prefix_attention_backward(
+        grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, softmax_scale
+    )
+
+
+register("prefix_attention", "reference", reference.prefix_attention)
+register("prefix_attention_backward", "reference", _reference_backward)
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    *,
+    prefix_index: Optional[Tensor] = None,
+    prefix_lens: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    validate: bool = True,
+):
+    """Fused attention over [the row's prefix keys ; the row's own keys], GQA-aware.
+
+    Shapes: q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] with Hq % Hkv == 0; prefix_k, prefix_v
+    [T, Hkv, P, D]; prefix_index [B] int32/int64 or None (T == 1 shared, or T == B);
+    prefix_lens [T] (<= P) or None; key_padding_mask [B, Lk] bool (True = real key) or None.
+    Returns out [B, Hq, Lq, D] in q's dtype, and lse [B, Hq, Lq] fp32 if ``return_lse``.
+
+    Semantics: query i of row b sees prefix key p iff p < prefix_lens[t] (t = the row's
+    prefix; none if -1) and sequence key j iff key_padding_mask[b, j] and (not causal or
+    j <= i + Lk - Lq), i.e. bottom-right aligned causal (decode with Lq = 1 sees every key).
+    Scale defaults to D**-0.5; softmax in fp32; a query with no visible key gets 0 (lse -inf).
+    Backward gives dq, dk, dv, dprefix_k, dprefix_v (prefix grads summed over every row and
+    query head that used the prefix); lse is not differentiable.
+    """
+    C.tensor("q", q, 4, layout="[B, Hq, Lq, D]")
+    C.tensor("k", k, 4, layout="[B, Hkv, Lk, D]")
+    C.tensor("v", v, 4, layout="[B, Hkv, Lk, D]")
+    C.tensor("prefix_k", prefix_k, 4, layout="[T, Hkv, P, D]")
+    C.tensor("prefix_v", prefix_v, 4, layout="[T, Hkv, P, D]")
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    shapes = (f"q {C.shape_of(q)}, k {C.shape_of(k)}, v {C.shape_of(v)}, "
+              f"prefix_k {C.shape_of(prefix_k)}, prefix_v {C.shape_of(prefix_v)}")
+    if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape:
+        raise ValueError(f"k and v must both be [B={B}, Hkv, Lk, D={D}]: {shapes}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}: {shapes}")
+    if prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D or prefix_v.shape != prefix_k.shape:
+        raise ValueError(f"prefix_k and prefix_v must both be [T, Hkv={Hkv}, P, D={D}]: {shapes}")
+    C.same_dtype("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    C.same_device("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, prefix_index=prefix_index,
+                  prefix_lens=prefix_lens, key_padding_mask=key_padding_mask)
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    C.bank_index("prefix_index", prefix_index, B, T, f"prefix_k {C.shape_of(prefix_k)}", validate)
+    C.lengths("prefix_lens", prefix_lens, T, P, f"prefix length P = {P}", validate)
+    if key_padding_mask is not None:
+        C.tensor("key_padding_mask", key_padding_mask, 2, (torch.bool,), f"[B={B}, Lk={Lk}]")
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask must be [B={B}, Lk={Lk}], got {C.shape_of(key_padding_mask)}")
+    scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
+    out, lse = _attn_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale)
+    return (out, lse) if return_lse else out

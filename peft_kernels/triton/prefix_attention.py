@@ -1,0 +1,850 @@
+"""Triton kernels for ``prefix_attention``: FlashAttention-2 style forward, split-K decode, backward.
+
+Layout of the work (all kernels):
+
+* GQA packing. One program owns one KV head of one batch row and a block of ``BLOCK_M`` *packed*
+  query rows: row ``r`` of the packed axis (``0 <= r < Lq * G``, ``G = Hq // Hkv``) is query
+  position ``i = r // G`` of query head ``hkv * G + r % G``. Every K/V tile is loaded once for the
+  whole group (MQA decode with ``Lq = 1`` fills a 16-row tile from the group's heads instead of
+  wasting 15 of 16 rows), and the group's heads are summed into dk/dv inside one program, so no
+  atomics. Packing position-major keeps a block's query positions contiguous, so causal bounds are
+  computed per block exactly as without packing.
+* Two key sources. The key loop first walks the row's prefix straight from the bank
+  ``prefix_k[t, hkv, :prefix_lens[t]]`` (``t = prefix_index[b]``; ``-1`` rows walk nothing), then
+  the row's own keys. Sequence key blocks that every row of the tile may see run unmasked (only the
+  key padding mask, if any, is applied); the remaining blocks up to the causal edge of the tile's
+  last query run masked; blocks wholly above the diagonal are never visited.
+* Decode (``Lq <= 16``) with too few programs to fill the GPU: the virtual key axis
+  ``[prefix slots 0..P) ++ [sequence keys 0..Lk)`` is cut into ``S`` chunks, one program each
+  (split-K / flash-decoding); a second kernel merges the partial outputs with their lse.
+* Backward (FA2): ``delta = rowsum(dO * O)``; a dk/dv kernel with one program per key block (prefix
+  blocks first, then sequence blocks) looping over the packed query rows; a dq kernel looping over
+  keys. Prefix grads are written per row ``[B, Hkv, P, D]`` in fp32 and reduced per bank entry by a
+  third kernel that adds rows in increasing ``b`` order: deterministic, no float atomics anywhere.
+
+Softmax runs in base 2 (``exp2``) with the scale folded into the scores; all accumulation is fp32.
+Head dims up to 256 are padded to a power of two (>= 16) inside the kernels with masks.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops._dispatch import register
+
+LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: readable inside @triton.jit
+LN2 = tl.constexpr(0.6931471805599453)
+MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535  # CUDA limit on grid dims 1 and 2 (B * Hkv goes on dim 1)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_INTERPRET = _interpreting()
+
+
+# --------------------------------------------------------------------------- autotune configs
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+if _INTERPRET:
+    # One small config: fast on the CPU and small enough that tiny test shapes span several blocks.
+    _FWD_CONFIGS = [_cfg(8, 4, 1, 1)]
+    _BWD_KV_CONFIGS = [_cfg(8, 4, 1, 1)]
+    _BWD_Q_CONFIGS = [_cfg(8, 4, 1, 1)]
+else:  # pragma: no cover - needs a GPU
+    _FWD_CONFIGS = [
+        _cfg(128, 64, 8, 3),
+        _cfg(128, 128, 8, 3),
+        _cfg(64, 64, 4, 3),
+        _cfg(64, 128, 4, 3),
+        # decode-sized tiles (few packed query rows)
+        _cfg(16, 64, 4, 3),
+        _cfg(16, 128, 4, 3),
+        _cfg(32, 64, 4, 2),
+        # small enough for anything (fp32, D = 256)
+        _cfg(32, 32, 4, 1),
+    ]
+    _BWD_KV_CONFIGS = [  # BLOCK_N: the program's key block; BLOCK_M: the query-row step
+        _cfg(32, 128, 8, 2),
+        _cfg(32, 128, 4, 3),
+        _cfg(64, 64, 4, 2),
+        _cfg(16, 32, 4, 1),
+    ]
+    _BWD_Q_CONFIGS = [  # BLOCK_M: the program's query rows; BLOCK_N: the key step
+        _cfg(128, 32, 8, 2),
+        _cfg(128, 32, 4, 3),
+        _cfg(64, 64, 4, 2),
+        _cfg(16, 32, 4, 1),
+    ]
+
+
+def _smem_ok(config, esize: int, d_pad: int) -> bool:
+    """Rough shared-memory screen for wide fp32 tiles (they compile for minutes, then cannot launch)."""
+    if esize < 4:
+        return True
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return (bm + bn) * d_pad * esize * max(config.num_stages, 1) <= 200 * 1024
+
+
+def _prune_m(configs, named_args, **kwargs):
+    """Drop tiles much taller than the packed query axis (decode) and fp32 tiles too wide for shared
+    memory, keeping at least one config."""
+    bucket = named_args["M_BUCKET"]
+    esize = named_args["Q"].element_size()
+    d_pad = kwargs.get("D_PAD", 256)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket) and _smem_ok(c, esize, d_pad)]
+    return kept or configs[-1:]
+
+
+def _bucket(n: int) -> int:
+    """Autotune key for a length: its power-of-two ceiling, capped (long sequences share one tuning)."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 256)
+
+
+# --------------------------------------------------------------------------- shared jit helpers
+
+
+@triton.jit
+def _row_prefix(IDX, LENS, b, P, IDX_MODE: tl.constexpr, HAS_LENS: tl.constexpr):
+    """The row's bank entry (clamped to >= 0) and how many prefix slots it sees (0 for -1 rows)."""
+    if IDX_MODE == 0:  # index None, T == 1: every row uses entry 0
+        t = b * 0
+    elif IDX_MODE == 1:  # index None, T == B: row b uses entry b
+        t = b
+    else:
+        t = tl.load(IDX + b).to(tl.int32)
+    if HAS_LENS:
+        plen = tl.load(LENS + tl.maximum(t, 0)).to(tl.int32)
+    else:
+        plen = t * 0 + P
+    plen = tl.where(t >= 0, plen, 0)
+    return tl.maximum(t, 0), plen
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_ml,
+    lo, hi, row_limit, qk_scale, offs_n, offs_d, d_ok,
+    BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+    EVEN_D: tl.constexpr, PREC: tl.constexpr,
+):
+    """Online softmax over keys [lo, hi) of one source; ``row_limit[m]`` = last key row m sees."""
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < hi
+        k = _load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, d_ok, MASK_KEYS, EVEN_D)
+        v = _load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok, MASK_KEYS, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if MASK_KEYS:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        if HAS_KPM:
+            if MASK_KEYS:
+                keep = tl.load(KPM + cols * stride_ml, mask=col_ok, other=0)
+            else:
+                keep = tl.load(KPM + cols * stride_ml)
+            s = tl.where((keep != 0)[None, :], s, float("-inf"))
+        if CAUSAL_MASK:
+            s = tl.where(cols[None, :] <= row_limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, PK, PV, IDX, LENS, KPM, O, LSE, OP, LP,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_pkt, stride_pkh, stride_pkp, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvp, stride_pvd,
+    stride_mb, stride_ml,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_lb, stride_lh, stride_ll,
+    Hkv, Lq, Lk, P, M_TOTAL, split_len, qk_scale,
+    M_BUCKET,  # autotune key only
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    IDX_MODE: tl.constexpr, HAS_LENS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    m_blk = tl.num_programs(0) - 1 - pid_m  # heaviest (latest, causal) tiles first
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+    b64 = b.to(tl.int64)
+    h64 = hkv.to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+
+    offs_r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < M_TOTAL
+    qi = offs_r // GROUP
+    qh = h64 * GROUP + offs_r % GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + b64 * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                   row_ok, d_ok, True, EVEN_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+
+    shift = Lk - Lq  # bottom-right causal: query i sees key j <= i + shift
+    row_limit = qi + shift
+    i_lo = (m_blk * BLOCK_M) // GROUP
+    i_hi = tl.minimum((m_blk * BLOCK_M + BLOCK_M - 1) // GROUP, Lq - 1)
+    if CAUSAL:
+        seq_end = tl.minimum(tl.maximum(i_hi + shift + 1, 0), Lk)
+        full_end = tl.minimum(tl.maximum(i_lo + shift + 1, 0), seq_end)
+    else:
+        seq_end = Lk
+        full_end = Lk
+
+    # this program's share of the virtual key axis [prefix slots 0..P) ++ [sequence keys 0..Lk)
+    k_lo = pid_s * split_len
+    k_hi = k_lo + split_len
+
+    # 1) the row's prefix, read from the bank
+    t, plen = _row_prefix(IDX, LENS, b, P, IDX_MODE, HAS_LENS)
+    t64 = t.to(tl.int64)
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, PK + t64 * stride_pkt + h64 * stride_pkh, PV + t64 * stride_pvt + h64 * stride_pvh,
+        stride_pkp, stride_pkd, stride_pvp, stride_pvd, KPM, stride_ml,
+        tl.minimum(k_lo, plen), tl.minimum(k_hi, plen), row_limit, qk_scale, offs_n, offs_d, d_ok,
+        BLOCK_N, True, False, False, EVEN_D, PREC,
+    )
+
+    # 2) the row's own keys
+    K_b = K + b64 * stride_kb + h64 * stride_kh
+    V_b = V + b64 * stride_vb + h64 * stride_vh
+    KPM_b = KPM + b64 * stride_mb
+    if SPLIT:
+        s_lo = tl.minimum(tl.maximum(k_lo - P, 0), seq_end)
+        s_hi = tl.minimum(tl.maximum(k_hi - P, 0), seq_end)
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, q, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
+            s_lo, s_hi, row_limit, qk_scale, offs_n, offs_d, d_ok,
+            BLOCK_N, True, CAUSAL, HAS_KPM, EVEN_D, PREC,
+        )
+    else:
+        full_aligned = (full_end // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _fwd_inner(  # blocks every row of the tile sees in full
+            acc, m_i, l_i, q, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
+            0, full_aligned, row_limit, qk_scale, offs_n, offs_d, d_ok,
+            BLOCK_N, False, False, HAS_KPM, EVEN_D, PREC,
+        )
+        acc, m_i, l_i = _fwd_inner(  # the diagonal band and the ragged end
+            acc, m_i, l_i, q, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
+            full_aligned, seq_end, row_limit, qk_scale, offs_n, offs_d, d_ok,
+            BLOCK_N, True, CAUSAL, HAS_KPM, EVEN_D, PREC,
+        )
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    if SPLIT:
+        base = (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * M_TOTAL
+        tl.store(OP + (base + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LP + base + offs_r, lse, mask=row_ok)
+    else:
+        tl.store(O + b64 * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + b64 * stride_lb + qh * stride_lh + qi * stride_ll, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    OP, LP, O, LSE,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_lb, stride_lh, stride_ll,
+    Hkv, M_TOTAL, NUM_SPLITS,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Merge the split-K partials of BLOCK_R packed rows: out = sum_s exp(lse_s - lse) out_s."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = (pid_bh // Hkv).to(tl.int64)
+    h64 = (pid_bh % Hkv).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < M_TOTAL
+    offs_d = tl.arange(0, D_PAD)
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, D_PAD], tl.float32)
+    for s in range(0, NUM_SPLITS):
+        base = (pid_bh.to(tl.int64) * NUM_SPLITS + s) * M_TOTAL
+        ls = tl.load(LP + base + offs_r, mask=row_ok, other=float("-inf"))
+        o = tl.load(OP + (base + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m, ls)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(ls - m_safe)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l = l * alpha + w
+        m = m_new
+    seen = l > 0.0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    qi = offs_r // GROUP
+    qh = h64 * GROUP + offs_r % GROUP
+    tl.store(O + b64 * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_ol + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=mask)
+    tl.store(LSE + b64 * stride_lb + qh * stride_lh + qi * stride_ll, lse, mask=row_ok)
+
+
+_fwd_tuned = triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=["M_BUCKET", "GROUP", "HEAD_DIM", "CAUSAL", "SPLIT", "HAS_KPM"],
+    prune_configs_by={"early_config_prune": _prune_m},
+)(_fwd_kernel)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_gb, stride_gh, stride_gl, stride_gd,
+    Hq, Lq,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO * O (fp32), the softmax-backward row term."""
+    pid_bh = tl.program_id(0)
+    pid = tl.program_id(1)
+    b64 = (pid_bh // Hq).to(tl.int64)
+    h64 = (pid_bh % Hq).to(tl.int64)
+    offs_l = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_l < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + offs_l[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_gb + h64 * stride_gh + offs_l[:, None] * stride_gl + offs_d[None, :] * stride_gd,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_l, tl.sum(o * do, 1), mask=offs_l < Lq)
+
+
+@triton.jit
+def _bwd_kv_inner(
+    dk, dv, k, v, col_ok, cols, Q, DO, LSE, DELTA,
+    stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
+    h64, Lq, M_TOTAL, qk_scale, lo, hi, shift, offs_m, offs_d, d_ok,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Accumulate one key block's dk, dv over packed query rows [lo, hi) (Q, DO, LSE, DELTA: row b)."""
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + offs_m
+        row_ok = rows < M_TOTAL
+        qi = rows // GROUP
+        qh = h64 * GROUP + rows % GROUP
+        q = _load_tile(Q + qh[:, None] * stride_qh + qi[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                       row_ok, d_ok, True, EVEN_D)
+        do = _load_tile(DO + qh[:, None] * stride_gh + qi[:, None] * stride_gl + offs_d[None, :] * stride_gd,
+                        row_ok, d_ok, True, EVEN_D)
+        lse = tl.load(LSE + qh * stride_lh + qi * stride_ll, mask=row_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # rows that saw nothing: p = 0
+        delta = tl.load(DELTA + qh * Lq + qi, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        valid = col_ok[None, :]
+        if CAUSAL_MASK:
+            valid = valid & (cols[None, :] <= (qi + shift)[:, None])
+        p = tl.where(valid, p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, PK, PV, IDX, LENS, KPM, DO, LSE, DELTA, DK, DV, DPK, DPV,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_pkt, stride_pkh, stride_pkp, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvp, stride_pvd,
+    stride_mb, stride_ml,
+    stride_gb, stride_gh, stride_gl, stride_gd,
+    stride_lb, stride_lh, stride_ll,
+    stride_dkb, stride_dkh, stride_dkl, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    Hkv, Lq, Lk, P, M_TOTAL, qk_scale, sm_scale,
+    M_BUCKET,  # autotune key only
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    IDX_MODE: tl.constexpr, HAS_LENS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk, dv of one key block: prefix blocks (program ids first) write per-row fp32 prefix grads
+    DPK/DPV [B, Hkv, P, D]; sequence blocks write dk, dv. The group's query heads are summed here."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+    b64 = b.to(tl.int64)
+    h64 = hkv.to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+    n_prefix_blocks = tl.cdiv(P, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    Q_b = Q + b64 * stride_qb
+    DO_b = DO + b64 * stride_gb
+    LSE_b = LSE + b64 * stride_lb
+    DELTA_b = DELTA + b64 * (Hkv * GROUP) * Lq
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    shift = Lk - Lq
+    if pid_n < n_prefix_blocks:
+        t, plen = _row_prefix(IDX, LENS, b, P, IDX_MODE, HAS_LENS)
+        t64 = t.to(tl.int64)
+        cols = pid_n * BLOCK_N + offs_n
+        col_ok = cols < plen
+        k = _load_tile(PK + t64 * stride_pkt + h64 * stride_pkh + cols[:, None] * stride_pkp
+                       + offs_d[None, :] * stride_pkd, col_ok, d_ok, True, EVEN_D)
+        v = _load_tile(PV + t64 * stride_pvt + h64 * stride_pvh + cols[:, None] * stride_pvp
+                       + offs_d[None, :] * stride_pvd, col_ok, d_ok, True, EVEN_D)
+        hi = tl.where(pid_n * BLOCK_N < plen, M_TOTAL, 0)  # nothing to do past the row's prefix
+        dk, dv = _bwd_kv_inner(
+            dk, dv, k, v, col_ok, cols, Q_b, DO_b, LSE_b, DELTA_b,
+            stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
+            h64, Lq, M_TOTAL, qk_scale, 0, hi, shift, offs_m, offs_d, d_ok,
+            GROUP, BLOCK_M, False, EVEN_D, PREC,
+        )
+        base = (pid_bh.to(tl.int64) * P + cols) * HEAD_DIM
+        mask = (cols < P)[:, None] & d_ok[None, :]
+        tl.store(DPK + base[:, None] + offs_d[None, :], dk * sm_scale, mask=mask)
+        tl.store(DPV + base[:, None] + offs_d[None, :], dv, mask=mask)
+    else:
+        n0 = (pid_n - n_prefix_blocks) * BLOCK_N
+        cols = n0 + offs_n
+        col_ok = cols < Lk
+        if HAS_KPM:
+            keep = tl.load(KPM + b64 * stride_mb + cols * stride_ml, mask=col_ok, other=0)
+            col_ok = col_ok & (keep != 0)
+        k = _load_tile(K + b64 * stride_kb + h64 * stride_kh + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                       cols < Lk, d_ok, True, EVEN_D)
+        v = _load_tile(V + b64 * stride_vb + h64 * stride_vh + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                       cols < Lk, d_ok, True, EVEN_D)
+        if CAUSAL:
+            # rows before r_lo see no key of this block; rows from r_full on see all of it
+            r_lo = (tl.maximum(n0 - shift, 0) * GROUP // BLOCK_M) * BLOCK_M
+            r_lo = tl.minimum(r_lo, M_TOTAL)
+            r_full = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - shift, 0) * GROUP, M_TOTAL)
+            r_full = tl.maximum(tl.cdiv(r_full, BLOCK_M) * BLOCK_M, r_lo)
+            dk, dv = _bwd_kv_inner(
+                dk, dv, k, v, col_ok, cols, Q_b, DO_b, LSE_b, DELTA_b,
+                stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
+                h64, Lq, M_TOTAL, qk_scale, r_lo, r_full, shift, offs_m, offs_d, d_ok,
+                GROUP, BLOCK_M, True, EVEN_D, PREC,
+            )
+            r_start = r_full
+        else:
+            r_start = 0
+        dk, dv = _bwd_kv_inner(
+            dk, dv, k, v, col_ok, cols, Q_b, DO_b, LSE_b, DELTA_b,
+            stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
+            h64, Lq, M_TOTAL, qk_scale, r_start, M_TOTAL, shift, offs_m, offs_d, d_ok,
+            GROUP, BLOCK_M, False, EVEN_D, PREC,
+        )
+        mask = (cols < Lk)[:, None] & d_ok[None, :]
+        tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + cols[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_q_inner(
+    dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_ml,
+    lo, hi, row_limit, qk_scale, offs_n, offs_d, d_ok,
+    BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+    EVEN_D: tl.constexpr, PREC: tl.constexpr,
+):
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < hi
+        k = _load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, d_ok, MASK_KEYS, EVEN_D)
+        v = _load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, d_ok, MASK_KEYS, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASK_KEYS:
+            p = tl.where(col_ok[None, :], p, 0.0)
+        if HAS_KPM:
+            if MASK_KEYS:
+                keep = tl.load(KPM + cols * stride_ml, mask=col_ok, other=0)
+            else:
+                keep = tl.load(KPM + cols * stride_ml)
+            p = tl.where((keep != 0)[None, :], p, 0.0)
+        if CAUSAL_MASK:
+            p = tl.where(cols[None, :] <= row_limit[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_q_kernel(
+    Q, K, V, PK, PV, IDX, LENS, KPM, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_pkt, stride_pkh, stride_pkp, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvp, stride_pvd,
+    stride_mb, stride_ml,
+    stride_gb, stride_gh, stride_gl, stride_gd,
+    stride_lb, stride_lh, stride_ll,
+    stride_dqb, stride_dqh, stride_dql, stride_dqd,
+    Hkv, Lq, Lk, P, M_TOTAL, qk_scale, sm_scale,
+    M_BUCKET,  # autotune key only
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    IDX_MODE: tl.constexpr, HAS_LENS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    m_blk = tl.num_programs(0) - 1 - pid_m
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+    b64 = b.to(tl.int64)
+    h64 = hkv.to(tl.int64)
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+
+    offs_r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < M_TOTAL
+    qi = offs_r // GROUP
+    qh = h64 * GROUP + offs_r % GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + b64 * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                   row_ok, d_ok, True, EVEN_D)
+    do = _load_tile(DO + b64 * stride_gb + qh[:, None] * stride_gh + qi[:, None] * stride_gl + offs_d[None, :] * stride_gd,
+                    row_ok, d_ok, True, EVEN_D)
+    lse = tl.load(LSE + b64 * stride_lb + qh * stride_lh + qi * stride_ll, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    delta = tl.load(DELTA + (b64 * (Hkv * GROUP) + qh) * Lq + qi, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+
+    shift = Lk - Lq
+    row_limit = qi + shift
+    i_lo = (m_blk * BLOCK_M) // GROUP
+    i_hi = tl.minimum((m_blk * BLOCK_M + BLOCK_M - 1) // GROUP, Lq - 1)
+    if CAUSAL:
+        seq_end = tl.minimum(tl.maximum(i_hi + shift + 1, 0), Lk)
+        full_end = tl.minimum(tl.maximum(i_lo + shift + 1, 0), seq_end)
+    else:
+        seq_end = Lk
+        full_end = Lk
+
+    t, plen = _row_prefix(IDX, LENS, b, P, IDX_MODE, HAS_LENS)
+    t64 = t.to(tl.int64)
+    dq = _bwd_q_inner(
+        dq, q, do, lse, delta, PK + t64 * stride_pkt + h64 * stride_pkh, PV + t64 * stride_pvt + h64 * stride_pvh,
+        stride_pkp, stride_pkd, stride_pvp, stride_pvd, KPM, stride_ml,
+        0, plen, row_limit, qk_scale, offs_n, offs_d, d_ok,
+        BLOCK_N, True, False, False, EVEN_D, PREC,
+    )
+    K_b = K + b64 * stride_kb + h64 * stride_kh
+    V_b = V + b64 * stride_vb + h64 * stride_vh
+    KPM_b = KPM + b64 * stride_mb
+    full_aligned = (full_end // BLOCK_N) * BLOCK_N
+    dq = _bwd_q_inner(
+        dq, q, do, lse, delta, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
+        0, full_aligned, row_limit, qk_scale, offs_n, offs_d, d_ok,
+        BLOCK_N, False, False, HAS_KPM, EVEN_D, PREC,
+    )
+    dq = _bwd_q_inner(
+        dq, q, do, lse, delta, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
+        full_aligned, seq_end, row_limit, qk_scale, offs_n, offs_d, d_ok,
+        BLOCK_N, True, CAUSAL, HAS_KPM, EVEN_D, PREC,
+    )
+    tl.store(DQ + b64 * stride_dqb + qh[:, None] * stride_dqh + qi[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _prefix_reduce_kernel(
+    RK, RV, IDX, OK, OV, B, N,
+    IDX_MODE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Bank grads: OK[t] = sum over rows b using entry t of RK[b] (rows added in increasing b).
+
+    RK, RV: per-row fp32 grads [B, N]; OK, OV: [T, N] in the bank's dtype.
+    """
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    t64 = t.to(tl.int64)
+    if IDX_MODE == 1:  # row b uses entry b: a cast
+        gk = tl.load(RK + t64 * N + offs, mask=mask, other=0.0)
+        gv = tl.load(RV + t64 * N + offs, mask=mask, other=0.0)
+    else:
+        gk = tl.zeros([BLOCK], tl.float32)
+        gv = tl.zeros([BLOCK], tl.float32)
+        rk = RK + offs
+        rv = RV + offs
+        for b in range(0, B):
+            if IDX_MODE == 0:
+                tb = 0
+            else:
+                tb = tl.load(IDX + b).to(tl.int32)
+            if tb == t:
+                gk += tl.load(rk, mask=mask, other=0.0)
+                gv += tl.load(rv, mask=mask, other=0.0)
+            rk += N  # pointer arithmetic: 64-bit, no int32 overflow for large B * N
+            rv += N
+    tl.store(OK + t64 * N + offs, gk.to(OK.dtype.element_ty), mask=mask)
+    tl.store(OV + t64 * N + offs, gv.to(OV.dtype.element_ty), mask=mask)
+
+
+_bwd_kv_tuned = triton.autotune(
+    configs=_BWD_KV_CONFIGS,
+    key=["M_BUCKET", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
+    prune_configs_by={"early_config_prune": _prune_m},
+)(_bwd_kv_kernel)
+
+_bwd_q_tuned = triton.autotune(
+    configs=_BWD_Q_CONFIGS,
+    key=["M_BUCKET", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
+    prune_configs_by={"early_config_prune": _prune_m},
+)(_bwd_q_kernel)
+
+
+# --------------------------------------------------------------------------- launchers
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lens=None, key_padding_mask=None,
+             causal=True, softmax_scale=None, *rest) -> Optional[str]:
+    """None when these kernels take the call, else why not (the dispatcher then falls back)."""
+    if q.dtype not in _FLOAT_DTYPES:
+        return f"dtype {q.dtype} not supported (float16, bfloat16, float32)"
+    if any(t.dtype != q.dtype for t in (k, v, prefix_k, prefix_v)):
+        return "q, k, v, prefix_k, prefix_v must share a dtype"
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    if D == 0:
+        return "head dim 0"
+    if D > MAX_HEAD_DIM:
+        return f"head dim {D} > {MAX_HEAD_DIM}"
+    if B * Hkv > MAX_GRID_Y:
+        return f"B * Hkv = {B * Hkv} > {MAX_GRID_Y} (grid limit)"
+    if q.device.type == "cpu" and not _interpreting():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    return None
+
+
+def _supports_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lens=None,
+                       key_padding_mask=None, causal=True, softmax_scale=None, out=None, lse=None) -> Optional[str]:
+    why = supports(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, softmax_scale)
+    if why is None and grad_out.dtype != q.dtype:
+        return f"grad_out dtype {grad_out.dtype} differs from q's {q.dtype}"
+    return why
+
+
+# Query lengths that take the split-K decode path when the grid is small. The interpreter uses 2
+# so that the tiny CPU test shapes (Lq up to 9) also exercise the main path (tests force splits).
+_DECODE_MAX_LQ = 2 if _INTERPRET else 16
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(B: int, Hkv: int, Lq: int, G: int, P: int, Lk: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per split) over the virtual key axis of length P + Lk for the decode path.
+
+    Split only short query blocks (Lq <= 16) whose (row, kv head, tile) programs cannot fill the
+    device: aim for ~2 programs per SM, at least ``min_keys`` keys per split. Depends on shapes
+    only (no host reads), so decode stays CUDA-graph capturable.
+    """
+    n_keys = P + Lk
+    if Lq > _DECODE_MAX_LQ or n_keys == 0:
+        return 1, max(n_keys, 1)
+    if device.type == "cuda":
+        slots, min_keys, align = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), 256, 128
+    else:  # interpreter: split small shapes too, so the CPU tests exercise this path
+        slots, min_keys, align = 16, 4, _FWD_CONFIGS[0].kwargs["BLOCK_N"]
+    programs = B * Hkv * triton.cdiv(Lq * G, 16)
+    if programs * 2 > slots:
+        return 1, n_keys
+    splits = min(triton.cdiv(slots, programs), n_keys // min_keys, 128)
+    if splits <= 1:
+        return 1, n_keys
+    split_len = triton.cdiv(triton.cdiv(n_keys, splits), align) * align
+    return triton.cdiv(n_keys, split_len), split_len
+
+
+def _index_mode(prefix_index, T: int) -> int:
+    if prefix_index is not None:
+        return 2
+    return 0 if T == 1 else 1
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 dots, like the reference
+
+
+def _common(q, k, prefix_k, prefix_index, prefix_lens, key_padding_mask, softmax_scale):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
+    dummy = q
+    idx = prefix_index if prefix_index is not None else dummy
+    lens = prefix_lens if prefix_lens is not None else dummy
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+        kpm_strides = (kpm.stride(0), kpm.stride(1))
+    else:
+        kpm, kpm_strides = dummy, (0, 0)
+    meta = dict(
+        GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)),
+        IDX_MODE=_index_mode(prefix_index, T), HAS_LENS=prefix_lens is not None,
+        HAS_KPM=key_padding_mask is not None, PREC=_prec(q.dtype),
+    )
+    return B, Hq, Lq, D, Hkv, Lk, T, P, scale, idx, lens, kpm, kpm_strides, meta
+
+
+def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lens=None, key_padding_mask=None,
+                         causal=True, softmax_scale=None):
+    """(out [B, Hq, Lq, D] in q's dtype, lse [B, Hq, Lq] fp32); arguments as the reference."""
+    B, Hq, Lq, D, Hkv, Lk, T, P, scale, idx, lens, kpm, kpm_strides, meta = _common(
+        q, k, prefix_k, prefix_index, prefix_lens, key_padding_mask, softmax_scale)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    G = Hq // Hkv
+    M_TOTAL = Lq * G
+    splits, split_len = _num_splits(B, Hkv, Lq, G, P, Lk, q.device)
+    if splits > 1:
+        o_part = torch.empty(B * Hkv * splits * M_TOTAL * D, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(B * Hkv * splits * M_TOTAL, dtype=torch.float32, device=q.device)
+    else:
+        o_part = l_part = lse  # unused
+    grid = lambda m: (triton.cdiv(M_TOTAL, m["BLOCK_M"]), B * Hkv, splits)  # noqa: E731
+    _fwd_tuned[grid](
+        q, k, v, prefix_k, prefix_v, idx, lens, kpm, out, lse, o_part, l_part,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *kpm_strides,
+        *out.stride(), *lse.stride(),
+        Hkv, Lq, Lk, P, M_TOTAL, split_len, scale * LOG2E.value, _bucket(M_TOTAL),
+        CAUSAL=bool(causal), SPLIT=splits > 1, **meta,
+    )
+    if splits > 1:
+        BLOCK_R = 16
+        _combine_kernel[(triton.cdiv(M_TOTAL, BLOCK_R), B * Hkv)](
+            o_part, l_part, out, lse, *out.stride(), *lse.stride(), Hkv, M_TOTAL, splits,
+            GROUP=G, HEAD_DIM=D, D_PAD=meta["D_PAD"], BLOCK_R=BLOCK_R,
+        )
+    return out, lse
+
+
+def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lens=None,
+                         key_padding_mask=None, causal=True, softmax_scale=None, out=None, lse=None):
+    """(dq, dk, dv, dprefix_k, dprefix_v); ``out``/``lse`` from the forward (recomputed if None)."""
+    B, Hq, Lq, D, Hkv, Lk, T, P, scale, idx, lens, kpm, kpm_strides, meta = _common(
+        q, k, prefix_k, prefix_index, prefix_lens, key_padding_mask, softmax_scale)
+    if out is None or lse is None:
+        out, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
+                                        causal, softmax_scale)
+    dev = q.device
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dpk = torch.empty_like(prefix_k, memory_format=torch.contiguous_format)
+    dpv = torch.empty_like(prefix_v, memory_format=torch.contiguous_format)
+    if q.numel() == 0:  # no queries: every grad is zero
+        for t in (dq, dk, dv, dpk, dpv):
+            t.zero_()
+        return dq, dk, dv, dpk, dpv
+    G = Hq // Hkv
+    M_TOTAL = Lq * G
+    D_PAD = meta["D_PAD"]
+
+    delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev)
+    BLOCK_L = 16
+    _delta_kernel[(B * Hq, triton.cdiv(Lq, BLOCK_L))](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq,
+        HEAD_DIM=D, D_PAD=D_PAD, BLOCK=BLOCK_L,
+    )
+
+    row_dpk = torch.empty(B, Hkv, P, D, dtype=torch.float32, device=dev)
+    row_dpv = torch.empty(B, Hkv, P, D, dtype=torch.float32, device=dev)
+    common = (*q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *kpm_strides,
+              *grad_out.stride(), *lse.stride())
+    kv_grid = lambda m: (triton.cdiv(P, m["BLOCK_N"]) + triton.cdiv(Lk, m["BLOCK_N"]), B * Hkv)  # noqa: E731
+    if P + Lk > 0:
+        _bwd_kv_tuned[kv_grid](
+            q, k, v, prefix_k, prefix_v, idx, lens, kpm, grad_out, lse, delta, dk, dv, row_dpk, row_dpv,
+            *common, *dk.stride(), *dv.stride(),
+            Hkv, Lq, Lk, P, M_TOTAL, scale * LOG2E.value, scale, _bucket(M_TOTAL),
+            CAUSAL=bool(causal), **meta,
+        )
+    q_grid = lambda m: (triton.cdiv(M_TOTAL, m["BLOCK_M"]), B * Hkv)  # noqa: E731
+    _bwd_q_tuned[q_grid](
+        q, k, v, prefix_k, prefix_v, idx, lens, kpm, grad_out, lse, delta, dq,
+        *common, *dq.stride(),
+        Hkv, Lq, Lk, P, M_TOTAL, scale * LOG2E.value, scale, _bucket(M_TOTAL),
+        CAUSAL=bool(causal), **meta,
+    )
+
+    N = Hkv * P * D
+    if N > 0:
+        BLOCK = 1024 if not _INTERPRET else 256
+        _prefix_reduce_kernel[(T, triton.cdiv(N, BLOCK))](
+            row_dpk, row_dpv, idx, dpk, dpv, B, N, IDX_MODE=meta["IDX_MODE"], BLOCK=BLOCK,
+        )
+    return dq, dk, dv, dpk, dpv
+
+
+register("prefix_attention", "triton", prefix_attention_fwd, supports)
+register("prefix_attention_backward", "triton", prefix_attention_bwd, _supports_backward)
