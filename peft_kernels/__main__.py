@@ -1,4 +1,4 @@
-"""Command line: ``python -m peft_kernels {info,demo}``."""
+"""Command line: ``python -m peft_kernels {info,demo,bench}``."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="run every op on a small batch against today's baselines")
     p_demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p_demo.add_argument("--seed", type=int, default=0)
+    p_bench = sub.add_parser("bench", help="time every op against today's baselines (JSON + markdown + PNG)")
+    from .bench.cli import add_arguments as _bench_arguments
+
+    _bench_arguments(p_bench)
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -22,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         data = info()
         print(json.dumps(data, indent=2, default=str) if args.json else format_info(data))
         return 0
+    if args.command == "bench":
+        from .bench.cli import run as run_bench
+
+        raw = sys.argv[1:] if argv is None else list(argv)
+        return run_bench(args, raw[raw.index("bench") + 1:] if "bench" in raw else raw)
     from .demo import run_demo
 
     return run_demo(device=args.device, seed=args.seed)

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from . import multi_lora, prefix_attention, soft_prompt_embed
+from .bench.baselines.lora_loop import lora_loop as _baseline_lora_loop
+from .bench.baselines.prefix_sdpa import prefix_cat_sdpa as _baseline_prefix_attention
+from .bench.baselines.prompt_cat import prompt_embed_cat as _baseline_prompt
 from .ops._dispatch import last_backend
 
 
@@ -30,37 +33,6 @@ def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 15
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def _baseline_prefix_attention(q, k, v, prefix_k, prefix_v, index):
-    """What prefix tuning does today: copy each row's prefix in front of its K/V, then SDPA."""
-    B, Hq, L, D = q.shape
-    rows = index.clamp(min=0)
-    keep = (index >= 0)[:, None, None, None].to(q.dtype)
-    k_all = torch.cat([prefix_k[rows] * keep, k], dim=2).repeat_interleave(Hq // k.shape[1], dim=1)
-    v_all = torch.cat([prefix_v[rows] * keep, v], dim=2).repeat_interleave(Hq // k.shape[1], dim=1)
-    P = prefix_k.shape[2]
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    prefix_ok = (index >= 0)[:, None, None, None].expand(B, 1, L, P)
-    mask = torch.cat([prefix_ok, causal.expand(B, 1, L, L)], dim=-1)
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-
-
-def _baseline_lora_loop(x, lora_a, lora_b, index, scaling, ranks, base):
-    """What PEFT's ``adapter_names=`` does: one masked pass per adapter, in Python."""
-    out = base.clone()
-    for t in index.unique().tolist():
-        if t < 0:
-            continue
-        rows = index == t
-        r = int(ranks[t])
-        out[rows] += scaling[t].to(x.dtype) * (x[rows] @ lora_a[t, :r].T @ lora_b[t, :, :r].T)
-    return out
-
-
-def _baseline_prompt(input_ids, weight, prompts, index):
-    """What prompt tuning does today: embed, expand the prompt per row, concatenate."""
-    return torch.cat([prompts[index], F.embedding(input_ids, weight)], dim=1)
 
 
 def _row(name: str, backend: str, diff: float, ours: float, base: float, note: str = "") -> str:

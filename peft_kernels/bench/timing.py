@@ -36,7 +36,7 @@ class Timer:
     GPU: ``triton.testing.do_bench(fn, warmup, rep, quantiles=[.25, .5, .75])`` (CUDA events around
     each call, L2 flushed between calls; warm-up ``warmup`` ms, measurement ``rep`` ms), or a CUDA
     event loop if triton is missing. CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with
-    all of torch's threads (its default is one thread), after one warm-up call.
+    all of torch's threads (its default is one thread), after three warm-up calls.
     """
 
     def __init__(self, device: torch.device, quick: bool):
@@ -87,7 +87,8 @@ class Timer:
     def _cpu(self, fn) -> Timing:
         import torch.utils.benchmark as tb
 
-        fn()
+        for _ in range(3):  # warm-up: lazy initialisation, allocator, caches
+            fn()
         m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
             min_run_time=self.cpu_min_run_time
         )

@@ -13,8 +13,9 @@ from torch import nn
 from ..methods.lora import stack_lora
 from ..methods.prompt_model import generate_with_prompts, prompt_inputs
 from ..ops import multi_lora
+from . import transformers as hf
 
-SUPPORTED = ("PROMPT_TUNING", "P_TUNING", "LORA")
+SUPPORTED = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LORA")
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
@@ -41,6 +42,52 @@ def _prompt_generate(self, input_ids=None, attention_mask=None, task_ids=None, *
     bank = self.get_prompt(batch_size=1, task_ids=task_ids)
     inputs = prompt_inputs(self.base_model, bank.detach(), input_ids=input_ids, attention_mask=attention_mask)
     return generate_with_prompts(self.base_model, input_ids, inputs, **kwargs)
+
+
+def _prefix_layers(self) -> dict[int, hf.LayerPrefix]:
+    """Every layer's prefix K/V from PEFT's prefix encoder: {layer: [1, Hkv, P, D] pair}.
+
+    Semantics: PEFT's layout: the encoder output [P, layers * 2 * Hkv * D] viewed as
+    [P, layers * 2, Hkv, D]; layer i's key is slot 2i, its value 2i + 1. In training the
+    reparameterisation MLP runs (and is differentiated); in inference mode the stored table is used.
+    """
+    config = self.active_peft_config
+    encoder = self.prompt_encoder[self.active_adapter]
+    P = config.num_virtual_tokens
+    if config.inference_mode:
+        flat = encoder.embedding.weight
+    else:
+        tokens = self.prompt_tokens[self.active_adapter][:P].to(encoder.embedding.weight.device)
+        flat = encoder(tokens[None])[0]
+    if self.base_model_torch_dtype is not None:
+        flat = flat.to(self.base_model_torch_dtype)
+    heads = config.num_attention_heads
+    kv = flat.view(P, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
+    return {i: hf.LayerPrefix(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(config.num_layers)}
+
+
+def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                    output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    """PEFT's prefix-tuning forward with the prefix read by the attention kernel, not the cache.
+
+    Semantics: the attention mask stays [B, L] (the prefix is not a token); position ids are
+    shifted by P by the backbone hook, as PEFT's prefilled cache shifts them.
+    """
+    if kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = None  # PEFT drops them for prompt learning too
+    state = self._peft_kernels_prefix
+    state.layers = _prefix_layers(self)
+    return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           labels=labels, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+
+def _prefix_generate(self, *args, **kwargs):
+    """Generation with the prefix in the attention kernel: the KV cache holds only real tokens."""
+    state = self._peft_kernels_prefix
+    with torch.no_grad():
+        state.layers = _prefix_layers(self)
+    return self.base_model.generate(*args, **kwargs)
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -86,7 +133,10 @@ def patch(peft_model: nn.Module) -> nn.Module:
 
     Semantics: prompt tuning and P-tuning: one fused embed + prompt op per forward; logits equal
     PEFT's forward (to dtype tolerance); ``generate`` decodes greedily exactly as repeated PEFT
-    forwards would, with the prompt embedded once. LoRA: every ``Linear`` LoRA layer runs one
+    forwards would, with the prompt embedded once. Prefix tuning / P-tuning v2: the prefix K/V
+    are a second key source of the ``"peft_prefix"`` attention kernel (one copy per layer, not
+    in the KV cache, not in the attention mask), real tokens keep PEFT's positions P..P+L-1,
+    and ``generate`` equals greedy decoding by PEFT's forward. LoRA: every ``Linear`` LoRA layer runs one
     ``multi_lora`` call, also for PEFT's mixed batches (``adapter_names=``), instead of a
     Python loop over adapters. ``unpatch`` restores PEFT's routes.
     """
@@ -102,6 +152,17 @@ def patch(peft_model: nn.Module) -> nn.Module:
     if kind == "LORA":
         for layer in _lora_layers(peft_model):
             layer.forward = MethodType(_lora_forward, layer)
+    elif kind == "PREFIX_TUNING":
+        from peft.utils import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING as special
+
+        model_type = peft_model.base_model.config.model_type
+        if model_type in special or peft_model.active_peft_config.num_transformer_submodules != 1:
+            raise ValueError(f"patch: prefix tuning of {model_type} needs PEFT's own cache layout; not supported")
+        state = hf.PrefixState(position_offset=peft_model.active_peft_config.num_virtual_tokens)
+        peft_model._peft_kernels_prefix = state
+        peft_model._peft_kernels_attachment = hf.attach(peft_model.base_model, state)
+        peft_model.forward = MethodType(_prefix_forward, peft_model)
+        peft_model.generate = MethodType(_prefix_generate, peft_model)
     else:
         peft_model.forward = MethodType(_prompt_forward, peft_model)
         peft_model.generate = MethodType(_prompt_generate, peft_model)
@@ -114,6 +175,8 @@ def unpatch(peft_model: nn.Module) -> nn.Module:
     if getattr(peft_model, "_peft_kernels_patched", None) == "LORA":
         for layer in _lora_layers(peft_model):
             layer.__dict__.pop("forward", None)
-    for name in ("forward", "generate", "_peft_kernels_patched"):
+    if "_peft_kernels_attachment" in peft_model.__dict__:
+        peft_model._peft_kernels_attachment.detach()
+    for name in ("forward", "generate", "_peft_kernels_patched", "_peft_kernels_prefix", "_peft_kernels_attachment"):
         peft_model.__dict__.pop(name, None)
     return peft_model

@@ -27,6 +27,7 @@ Head dims up to 256 are padded to a power of two (>= 16) inside the kernels with
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -184,7 +185,7 @@ def _fwd_inner(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "Lk", "P", "M_TOTAL", "split_len"])  # lengths vary per batch: no recompiles
 def _fwd_kernel(
     Q, K, V, PK, PV, IDX, LENS, KPM, O, LSE, OP, LP,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -290,7 +291,7 @@ def _fwd_kernel(
         tl.store(LSE + b64 * stride_lb + qh * stride_lh + qi * stride_ll, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_TOTAL", "NUM_SPLITS"])  # lengths vary per batch: no recompiles
 def _combine_kernel(
     OP, LP, O, LSE,
     stride_ob, stride_oh, stride_ol, stride_od,
@@ -341,7 +342,7 @@ _fwd_tuned = triton.autotune(
 # --------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq"])  # lengths vary per batch: no recompiles
 def _delta_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_ol, stride_od,
@@ -398,7 +399,7 @@ def _bwd_kv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "Lk", "P", "M_TOTAL"])  # lengths vary per batch: no recompiles
 def _bwd_kv_kernel(
     Q, K, V, PK, PV, IDX, LENS, KPM, DO, LSE, DELTA, DK, DV, DPK, DPV,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -527,7 +528,7 @@ def _bwd_q_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "Lk", "P", "M_TOTAL"])  # lengths vary per batch: no recompiles
 def _bwd_q_kernel(
     Q, K, V, PK, PV, IDX, LENS, KPM, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -753,9 +754,19 @@ def _common(q, k, prefix_k, prefix_index, prefix_lens, key_padding_mask, softmax
     return B, Hq, Lq, D, Hkv, Lk, T, P, scale, idx, lens, kpm, kpm_strides, meta
 
 
+def _device_guard(device: torch.device):
+    """Launch on the tensors' GPU, not the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lens=None, key_padding_mask=None,
                          causal=True, softmax_scale=None):
     """(out [B, Hq, Lq, D] in q's dtype, lse [B, Hq, Lq] fp32); arguments as the reference."""
+    with _device_guard(q.device):
+        return _fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, softmax_scale)
+
+
+def _fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, softmax_scale):
     B, Hq, Lq, D, Hkv, Lk, T, P, scale, idx, lens, kpm, kpm_strides, meta = _common(
         q, k, prefix_k, prefix_index, prefix_lens, key_padding_mask, softmax_scale)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -791,11 +802,18 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_
 def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lens=None,
                          key_padding_mask=None, causal=True, softmax_scale=None, out=None, lse=None):
     """(dq, dk, dv, dprefix_k, dprefix_v); ``out``/``lse`` from the forward (recomputed if None)."""
+    with _device_guard(q.device):
+        return _bwd(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal,
+                    softmax_scale, out, lse)
+
+
+def _bwd(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal,
+         softmax_scale, out, lse):
     B, Hq, Lq, D, Hkv, Lk, T, P, scale, idx, lens, kpm, kpm_strides, meta = _common(
         q, k, prefix_k, prefix_index, prefix_lens, key_padding_mask, softmax_scale)
     if out is None or lse is None:
-        out, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
-                                        causal, softmax_scale)
+        out, lse = _fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
+                        causal, softmax_scale)
     dev = q.device
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)

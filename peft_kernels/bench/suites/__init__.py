@@ -46,7 +46,7 @@ def es(dtype: torch.dtype) -> int:
 
 def backend_of(*ops: str):
     """A callable naming the backend(s) that ran the last call of ``ops`` (``fwd/bwd`` when two)."""
-    from ..ops._dispatch import last_backend
+    from ...ops._dispatch import last_backend
 
     return lambda: "/".join(str(last_backend(op)) for op in ops)
 

@@ -103,7 +103,8 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
         gather = Impl("gather_bmm", unavailable=f"would materialise {gb_bytes * (3 if bwd else 1) / 2**30:.1f} GiB "
                       f"(> a quarter of device memory)")
 
-    why_not = lora_bgmv.triton_runs_on(device)
+    # CPU rows never time the Triton interpreter (even under TRITON_INTERPRET=1): the torch fallback runs.
+    why_not = lora_bgmv.triton_runs_on(device) if device.type == "cuda" else "no CUDA: the Triton kernel needs CUDA tensors"
     if why_not is None:
         bgmv = Impl("bgmv[triton]", lambda: lora_bgmv.lora_bgmv(x, lora_a, lora_b, idx, scaling, **call),
                     materialised_bytes=lora_bgmv.materialised_bytes(N, R, H, H, es(dtype), True),
