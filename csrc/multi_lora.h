@@ -79,6 +79,9 @@ inline MultiLoraShape check_multi_lora(const at::Tensor& x, const at::Tensor& lo
   return s;
 }
 
+// The instruction set the CPU kernel's micro-kernels run with: "avx512", "avx2" or "baseline".
+const char* multi_lora_cpu_isa();
+
 at::Tensor multi_lora_fwd_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                               const std::optional<at::Tensor>& adapter_index, const at::Tensor& scaling,
                               const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& base);

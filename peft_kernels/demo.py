@@ -12,7 +12,6 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import multi_lora, prefix_attention, soft_prompt_embed
 from .bench.baselines.lora_loop import lora_loop as _baseline_lora_loop
