@@ -11,11 +11,13 @@ from .ops import multi_lora, prefix_attention, soft_prompt_concat, soft_prompt_e
 from .ops._dispatch import BACKENDS, BackendUnavailableError, last_backend, use_backend
 from . import triton as _triton_kernels  # registers the Triton backend's kernels
 from .integrations.peft import patch, unpatch
+from .multi_adapter import MultiAdapterModel
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "MultiAdapterModel",
     "info",
     "last_backend",
     "multi_lora",

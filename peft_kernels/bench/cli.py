@@ -32,8 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for ops and timer (default: torch's current setting); 1 is steadier "
                         "on a machine shared with other jobs")
+    p.add_argument("--cpu-min-time", type=float, default=None,
+                   help="CPU only: seconds of measurement per implementation (default 0.05 quick, 1.0 full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                   help="run nothing: rewrite results.md and the plots from a results.json (e.g. a partial one "
+                        "left by a run that timed out) into --out (default: its directory)")
 
 
 def default_out_dir(slug: str) -> Path:
@@ -61,7 +66,29 @@ def run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(threads)
 
 
+def render(path: str, out: Optional[str] = None) -> int:
+    """Markdown and plots from an existing results.json; exit code 1 if it records failures or is partial."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    meta, rows = data["meta"], data["rows"]
+    meta.setdefault("failures", [f for r in rows for f in harness.row_failures(r)])
+    out_dir = Path(out) if out else Path(path).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = report.markdown(meta, rows)
+    if meta.get("partial"):
+        md = md.replace("\n", f"\n\n**PARTIAL: {len(rows)} rows (the run was cut short)**\n", 1)
+    (out_dir / "results.md").write_text(md)
+    pngs = report.plots(str(out_dir), meta, rows)
+    print(md)
+    print(f"rendered {out_dir / 'results.md'} and {len(pngs)} plots from {path}", file=sys.stderr)
+    return 1 if meta["failures"] or meta.get("partial") else 0
+
+
 def _run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
+    if args.render:
+        return render(args.render, args.out)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
@@ -71,7 +98,7 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     env = devinfo.environment(device)
     out_dir = Path(args.out) if args.out else default_out_dir(env["device_slug"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    timer = Timer(device, args.quick)
+    timer = Timer(device, args.quick, args.cpu_min_time)
     names = suites.SUITES if args.op == "all" else (args.op,)
     plan = [(name, spec) for name in names for spec in suites.get(name).specs(args.quick, device)]
     meta = dict(env, quick=args.quick, timer=timer.description, dtype=str(dtype).replace("torch.", ""),
@@ -101,6 +128,8 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        # Rows so far, so that a run cut short (a timeout) still leaves its results.
+        report.write_json(str(out_dir / "results.json"), dict(meta, partial=True), rows)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -108,6 +137,7 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     meta["elapsed_s"] = round(time.perf_counter() - start, 1)
     failures = [f for r in rows for f in harness.row_failures(r)]
     meta["failures"] = failures
+    meta["partial"] = False
 
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     report.write_json(str(json_path), meta, rows)

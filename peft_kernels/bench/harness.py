@@ -145,8 +145,9 @@ def _metrics(ms: float, cost: Cost, dtype: torch.dtype, peak: Optional[dict]) ->
             "roofline_pct": max(have) if have else None}
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
+def _free(device: torch.device, collect: bool = False) -> None:
+    if collect:  # after an exception (its traceback holds tensors); a full gc per call costs seconds
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -174,7 +175,7 @@ def run_case(case: Case, timer: Timer, device: torch.device, env: dict, seed: in
         row["ours"] = {"name": "ours", "status": f"error: {_err_text(exc)}", "traceback": traceback.format_exc(limit=4)}
         row["baselines"] = {b.name: {"status": "not run: ours failed"} for b in case.baselines}
         row["speedup"] = {b.name: None for b in case.baselines}
-        _free(device)
+        _free(device, collect=True)
         return row
 
     backend = ours.backend() if ours.backend else None
@@ -210,7 +211,7 @@ def run_case(case: Case, timer: Timer, device: torch.device, env: dict, seed: in
             e["status"] = f"{'unavailable' if unavailable else 'error'}: {_err_text(exc)}"
             if not unavailable:
                 e["traceback"] = traceback.format_exc(limit=4)
-            _free(device)
+            _free(device, collect=True)
         entries[b.name] = e
 
     o = {"name": "ours", "status": "ok", "backend": backend, "note": ours.note, "out_bytes": _nbytes(ref)}

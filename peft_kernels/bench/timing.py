@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -39,11 +39,11 @@ class Timer:
     all of torch's threads (its default is one thread), after three warm-up calls.
     """
 
-    def __init__(self, device: torch.device, quick: bool):
+    def __init__(self, device: torch.device, quick: bool, cpu_min_run_time: Optional[float] = None):
         self.device = device
         self.quick = quick
         self.warmup_ms, self.rep_ms = (10, 40) if quick else (25, 100)
-        self.cpu_min_run_time = 0.1 if quick else 1.0
+        self.cpu_min_run_time = cpu_min_run_time or (0.05 if quick else 1.0)
 
     @property
     def description(self) -> str:

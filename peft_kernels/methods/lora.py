@@ -21,29 +21,15 @@ from ..ops import multi_lora
 class AdapterRouting:
     """Which adapter slot each row of the current batch uses; shared by all LoRA layers.
 
-    Semantics: ``names`` fixes the slot order; :meth:`use` sets one adapter for every row, a
-    list with a name (or None = base model) per row, or None (adapters off). The index tensor
-    is validated here, once, and the layers call the op with ``validate=False``.
+    Semantics: ``names`` fixes the slot order, the same in every layer; ``index`` [B] is the
+    slot of each row of the current batch (-1 = base model; None = adapters off). Whoever sets
+    it builds it once per batch from known names, so the layers call the op with
+    ``validate=False``.
     """
 
     def __init__(self):
         self.names: list[str] = []
         self.index: Optional[Tensor] = None  # [B] slot per row, -1 = none; None = adapters off
-
-    def slot(self, name: str) -> int:
-        if name not in self.names:
-            raise ValueError(f"unknown adapter {name!r}; loaded: {self.names}")
-        return self.names.index(name)
-
-    def index_for(self, selection: Union[None, str, Sequence[Optional[str]]], rows: int, device) -> Optional[Tensor]:
-        """The per-row slot tensor [rows] for ``selection`` (None when no row uses an adapter)."""
-        if selection is None:
-            return None
-        per_row = [selection] * rows if isinstance(selection, str) else list(selection)
-        if len(per_row) != rows:
-            raise ValueError(f"adapter selection has {len(per_row)} entries for a batch of {rows} rows")
-        slots = [-1 if name is None else self.slot(name) for name in per_row]
-        return torch.tensor(slots, dtype=torch.int32, device=device)
 
     @contextlib.contextmanager
     def use(self, index: Optional[Tensor]) -> Iterator[None]:
@@ -241,3 +227,64 @@ def stack_lora(a: Sequence[Tensor], b: Sequence[Tensor], dtype: Optional[torch.d
     lora_b = torch.stack([nn.functional.pad(w.to(dtype), (0, R - w.shape[1])) for w in b])
     ranks = torch.tensor([w.shape[0] for w in a], dtype=torch.int32, device=lora_a.device)
     return lora_a, lora_b, ranks
+
+
+PEFT_PREFIX = "base_model.model."
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def peft_lora_modules(state: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module name: (A [r, in], B [out, r])}`` from a PEFT LoRA state dict.
+
+    Semantics: PEFT saves ``base_model.model.<module>.lora_A.weight`` (adapter name removed);
+    any other key (DoRA magnitudes, biases, embedding LoRA) raises ValueError naming it.
+    """
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for suffix, part in ((_A, "A"), (_B, "B")):
+            if name.endswith(suffix):
+                modules.setdefault(name[: -len(suffix)], {})[part] = tensor
+                break
+        else:
+            raise ValueError(f"unsupported LoRA tensor {key!r} (only lora_A/lora_B weights of Linear layers)")
+    missing = sorted(m for m, parts in modules.items() if set(parts) != {"A", "B"})
+    if missing:
+        raise ValueError(f"LoRA modules without both lora_A and lora_B: {missing}")
+    return {m: (parts["A"], parts["B"]) for m, parts in modules.items()}
+
+
+def peft_lora_state(modules: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """The inverse of :func:`peft_lora_modules`: PEFT's key names for each module's A and B."""
+    state = {}
+    for name, (a, b) in modules.items():
+        state[PEFT_PREFIX + name + _A] = a
+        state[PEFT_PREFIX + name + _B] = b
+    return state
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
+            return value
+    return default
+
+
+def module_scaling(config: dict, module: str, rank: int) -> float:
+    """A PEFT LoRA config's scale for one module (``alpha_pattern`` and rsLoRA honoured)."""
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    return lora_scaling(alpha, rank, bool(config.get("use_rslora", False)))
+
+
+UNSUPPORTED_LORA = {"use_dora": True, "lora_bias": True}
+
+
+def check_lora_config(config: dict) -> None:
+    """Raise ValueError for PEFT LoRA features the multi_lora route does not model."""
+    for key, bad in UNSUPPORTED_LORA.items():
+        if config.get(key) == bad:
+            raise ValueError(f"LoRA config has {key}={bad}: not supported by peft_kernels' LoRA layers")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"LoRA config has bias={config['bias']!r}: only bias='none' is supported")
+    if config.get("modules_to_save"):
+        raise ValueError(f"LoRA config has modules_to_save={config['modules_to_save']}: not supported")

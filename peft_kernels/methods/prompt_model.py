@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import soft_prompt_concat, soft_prompt_embed, soft_prompt_mask
+from .selection import per_row, used_in_order
 from .soft_prompt import stack_prompts
 
 IGNORE_INDEX = -100
@@ -41,7 +42,8 @@ def prompt_inputs(
     inputs_embeds [B, P + L, H], attention_mask [B, P + L] and labels [B, P + L] (when given).
 
     Semantics: as PEFT's prompt-learning forward: prompt slots first, attended where real
-    (masked on -1 rows and past prompt_lens), labels -100 there; positions are left to the
+    (masked on -1 rows and past prompt_lens), labels -100 there (and on the first token of
+    rows without a prompt, which nothing real precedes); positions are left to the
     model (PEFT's behaviour: 0..P+L-1). With a plain ``nn.Embedding``
     the lookup and the insertion are one fused op; other embedding modules (scaled, renormed)
     run as they are and the prompt is inserted with ``soft_prompt_concat``.
@@ -66,7 +68,12 @@ def prompt_inputs(
         "attention_mask": soft_prompt_mask(attention_mask, P, num_prompts=bank.shape[0], **kw),
     }
     if labels is not None:
-        out["labels"] = torch.cat([labels.new_full((B, P), IGNORE_INDEX), labels], dim=1)
+        labels = torch.cat([labels.new_full((B, P), IGNORE_INDEX), labels], dim=1)
+        if prompt_index is not None and L:
+            # A row without a prompt predicts its first token from a masked slot: not a target,
+            # exactly as when the row runs alone (nothing precedes its first token).
+            labels[:, P] = labels[:, P].masked_fill(prompt_index < 0, IGNORE_INDEX)
+        out["labels"] = labels
     return out
 
 
@@ -80,16 +87,37 @@ def compact_position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
+def prompt_batch(model: nn.Module, prompts: Mapping[str, nn.Module], names: Sequence[Optional[str]], *,
+                 input_ids=None, inputs_embeds=None, attention_mask=None, labels=None) -> dict:
+    """Base-model inputs for a batch whose rows each use a named prompt (or None).
+
+    Shapes: as :func:`prompt_inputs`, with P = the longest prompt used.
+    Semantics: prompts are right-aligned (shorter ones' leading slots masked) and positions
+    are :func:`compact_position_ids`, so each row's logits, loss and gradients equal that row
+    run alone with its prompt; the bank is rebuilt from the prompt modules at every call.
+    """
+    used = used_in_order(names, list(prompts)) or list(prompts)[:1]
+    device = model.get_input_embeddings().weight.device
+    bank, lens = stack_prompts([prompts[name]() for name in used], align="right")
+    bank, lens = bank.to(device), lens.to(device)
+    index = torch.tensor([-1 if n is None else used.index(n) for n in names], device=device)
+    inputs = prompt_inputs(model, bank, input_ids=input_ids, inputs_embeds=inputs_embeds, prompt_index=index,
+                           attention_mask=attention_mask, labels=labels)
+    P = bank.shape[1]
+    row_len = torch.where(index >= 0, lens[index.clamp(min=0)], 0)
+    leading_pad = torch.arange(P, device=device)[None, :] < (P - row_len)[:, None]
+    inputs["attention_mask"][:, :P].masked_fill_(leading_pad, 0)
+    inputs["position_ids"] = compact_position_ids(inputs["attention_mask"])
+    return inputs
+
+
 class PromptTunedModel(nn.Module):
     """A causal LM with named soft prompts (``SoftPrompt`` / ``PromptEncoder``); rows choose one.
 
     Shapes: forward(input_ids [B, L], attention_mask [B, L], labels [B, L]) returns the base
     model's output over P_max + L positions; generate returns [B, L + new tokens].
     Semantics: ``prompt`` is one name for every row, or a list with a name (or None: no prompt,
-    its slots masked) per row. Prompts shorter than the batch's longest are right-aligned (their
-    leading slots masked), so each row's logits, loss and gradients equal that row run alone.
-    The bank is rebuilt from the prompt modules at every call, so gradients reach every prompt
-    used in the batch and only those.
+    its slots masked) per row; see :func:`prompt_batch`.
     """
 
     def __init__(self, model: nn.Module, prompts: Union[nn.Module, Mapping[str, nn.Module]]):
@@ -104,38 +132,12 @@ class PromptTunedModel(nn.Module):
                 raise ValueError(f"prompt {name!r} has width {width} but the model's hidden size is {hidden}")
         self.prompts = nn.ModuleDict(prompts)
 
-    def _bank(self, prompt: Union[None, str, Sequence[Optional[str]]], rows: int):
-        names = list(self.prompts)
-        if prompt is None:
-            if len(names) != 1:
-                raise ValueError(f"several prompts are loaded ({', '.join(names)}): say which with prompt=")
-            prompt = names[0]
-        per_row = [prompt] * rows if isinstance(prompt, str) else list(prompt)
-        if len(per_row) != rows:
-            raise ValueError(f"prompt has {len(per_row)} entries for {rows} rows")
-        unknown = sorted({p for p in per_row if p is not None and p not in self.prompts})
-        if unknown:
-            raise ValueError(f"unknown prompt(s) {unknown}; loaded: {names}")
-        used = sorted({p for p in per_row if p is not None}, key=names.index) or names[:1]
-        bank, lens = stack_prompts([self.prompts[name]() for name in used], align="right")
-        index = torch.tensor([-1 if p is None else used.index(p) for p in per_row], device=bank.device)
-        return bank, lens.to(bank.device), index
-
     def prepare(self, input_ids=None, attention_mask=None, labels=None, *, prompt=None, inputs_embeds=None) -> dict:
-        """The base model's inputs for this batch: :func:`prompt_inputs` with right-aligned
-        prompts and :func:`compact_position_ids`."""
+        """The base model's inputs for this batch (see :func:`prompt_batch`)."""
         rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        bank, lens, index = self._bank(prompt, rows)
-        device = self.model.get_input_embeddings().weight.device
-        bank, lens, index = bank.to(device), lens.to(device), index.to(device)
-        inputs = prompt_inputs(self.model, bank, input_ids=input_ids, inputs_embeds=inputs_embeds,
-                               prompt_index=index, attention_mask=attention_mask, labels=labels)
-        P = bank.shape[1]
-        row_len = torch.where(index >= 0, lens[index.clamp(min=0)], 0)
-        leading_pad = torch.arange(P, device=device)[None, :] < (P - row_len)[:, None]
-        inputs["attention_mask"][:, :P].masked_fill_(leading_pad, 0)
-        inputs["position_ids"] = compact_position_ids(inputs["attention_mask"])
-        return inputs
+        names = per_row(prompt, rows, list(self.prompts), "prompt")
+        return prompt_batch(self.model, self.prompts, names, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                            attention_mask=attention_mask, labels=labels)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, *, prompt=None, inputs_embeds=None, **kwargs):
         return self.model(**self.prepare(input_ids, attention_mask, labels, prompt=prompt, inputs_embeds=inputs_embeds),

@@ -167,5 +167,5 @@ def test_unknown_prompt_names_are_reported():
     ids, _ = batch(B=2)
     with pytest.raises(ValueError, match=r"unknown prompt\(s\) \['nope'\]"):
         model(ids, prompt=["nope", "long"])
-    with pytest.raises(ValueError, match="say which with prompt="):
+    with pytest.raises(ValueError, match="3 prompts are loaded"):
         model(ids)
