@@ -164,9 +164,9 @@ def run_case(case: Case, timer: Timer, device: torch.device, env: dict, seed: in
     try:
         ref_out = _as_list(ours.forward())
         if case.mode == "fwd+bwd":
-            g = torch.Generator(device="cpu").manual_seed(seed + 1)
-            dout = [torch.randn(t.shape, generator=g, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
-                    for t in ref_out[:1]]
+            g = torch.Generator(device=device).manual_seed(seed + 1)
+            dout = [torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) for t in ref_out[:1]]
+        del ref_out  # (and the autograd graph it holds)
         ours_step = _step(ours, case.mode, dout)
         ref = [t.detach() for t in ours_step()]
         if ours.canon:

@@ -126,6 +126,13 @@ def _size(r: dict) -> Optional[float]:
     return b / 1e6 if b else None
 
 
+def _regime(r: dict) -> str:
+    """Which rows one plotted line connects: same mode and same kind of call (decode vs prefill...)."""
+    shape = r["shape"]
+    kind = shape.get("phase") or shape.get("kind") or ("decode" if shape.get("Lq") == 1 else "prefill" if "Lq" in shape else "")
+    return f"{r['mode']}, {kind}" if kind else r["mode"]
+
+
 def plots(out_dir: str, meta: dict, rows: list[dict]) -> list[str]:
     """``speedup_<suite>.png`` for every suite with rows, ``roofline_<suite>.png`` for those with a cost model."""
     import matplotlib
@@ -144,14 +151,15 @@ def plots(out_dir: str, meta: dict, rows: list[dict]) -> list[str]:
         xlabel = "problem size: MB moved by the op (bytes model)" if has_cost else "tokens per batch (B x L)"
 
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
         series: dict[str, list] = {}
         for r in srows:
             for n, e in r["baselines"].items():
                 if e.get("speedup"):
-                    series.setdefault(f"vs {n} ({r['mode']})", []).append((xs(r), e["speedup"]))
+                    series.setdefault(f"vs {n} ({_regime(r)})", []).append((xs(r), e["speedup"]))
         for name, pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=name, alpha=0.8)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", lw=0.6, ms=4, label=name, alpha=0.8)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -24,20 +24,18 @@ def get(name: str):
 
 
 class Rand:
-    """Seeded random tensors made on the CPU (same values on every device), then moved."""
+    """Seeded random tensors, drawn on the device itself (no host round trip for GB-sized inputs)."""
 
     def __init__(self, seed: int, device: torch.device, dtype: torch.dtype):
-        self.g = torch.Generator(device="cpu").manual_seed(seed)
+        self.g = torch.Generator(device=device).manual_seed(seed)
         self.device, self.dtype = device, dtype
 
     def __call__(self, *shape, scale: float = 1.0, dtype=None) -> torch.Tensor:
-        t = torch.randn(*shape, generator=self.g)
-        if scale != 1.0:
-            t = t * scale
-        return t.to(device=self.device, dtype=dtype or self.dtype)
+        t = torch.randn(*shape, generator=self.g, device=self.device, dtype=dtype or self.dtype)
+        return t.mul_(scale) if scale != 1.0 else t
 
     def ints(self, high: int, *shape) -> torch.Tensor:
-        return torch.randint(0, high, shape, generator=self.g).to(self.device)
+        return torch.randint(0, high, shape, generator=self.g, device=self.device)
 
 
 def es(dtype: torch.dtype) -> int:

@@ -114,7 +114,6 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
                 note="bench-local swap of the LoRA targets onto multi_lora (not MultiAdapterModel, issue 8)")
     peft = Impl("peft", lambda: peft_model(input_ids=ids, adapter_names=row_names).logits, no_grad=True,
                 tol=5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3, note="PEFT adapter_names= mixed batch")
-    ours.tol = peft.tol
     floor = Impl("base_model", lambda: alone(input_ids=ids).logits, no_grad=True, check=False,
                  note="the model without adapters (a floor, not a numerical check)")
     return Case("e2e", "llama_lora_forward", s["mode"], dict(s, T=T, ranks=list(RANKS), layers=4, hidden=256),
