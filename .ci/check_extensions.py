@@ -20,6 +20,9 @@ import torch
 OP = "peft_kernels::soft_prompt_embed_fwd"
 SCHEMA = (OP + "(Tensor input_ids, Tensor weight, Tensor prompts, Tensor? prompt_index, "
           "Tensor? prompt_lens, int insert_at) -> Tensor")
+LORA_OP = "peft_kernels::multi_lora_fwd"
+LORA_SCHEMA = (LORA_OP + "(Tensor x, Tensor lora_a, Tensor lora_b, Tensor? adapter_index, Tensor scaling, "
+               "Tensor? ranks, Tensor? base) -> Tensor")
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
 failures = []
 
@@ -124,6 +127,76 @@ def run_kernel(device):
             pass
 
 
+def lora_reference(x, lora_a, lora_b, index, scaling, ranks, base):
+    """Row by row in fp64: y[n] = base[n] + scaling[t] * B[t, :, :r] @ (A[t, :r] @ x[n])."""
+    N, H_out = x.shape[0], lora_b.shape[1]
+    T, R = lora_a.shape[:2]
+    t_of = index.tolist() if index is not None else [n if T > 1 else 0 for n in range(N)]
+    r_of = ranks.tolist() if ranks is not None else [R] * T
+    y = base.double().clone() if base is not None else torch.zeros(N, H_out, dtype=torch.float64)
+    for n, t in enumerate(t_of):
+        if t >= 0:
+            r = r_of[t]
+            h = lora_a[t, :r].double() @ x[n].double()
+            y[n] += float(scaling[t]) * (lora_b[t, :, :r].double() @ h)
+    return y
+
+
+def lora_cases():
+    g = torch.Generator().manual_seed(1)
+    nan = float("nan")
+    for dtype, (N, T, H_in, H_out), index_dtype, base in itertools.product(
+            (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+            ((5, 3, 40, 24), (300, 8, 256, 130), (3, 3, 4096, 64)), (torch.int32, torch.int64, None), (True, False)):
+        R = 16
+        ranks = torch.randint(1, R + 1, (T,), generator=g, dtype=index_dtype or torch.int64)
+        pad = torch.arange(R)[None, :] >= ranks[:, None]  # NaN there: a kernel that reads padding fails
+        a = torch.randn(T, R, H_in, generator=g) / H_in ** 0.5
+        b = torch.randn(T, H_out, R, generator=g)
+        a, b = a.masked_fill(pad[:, :, None], nan), b.masked_fill(pad[:, None, :], nan)
+        index = torch.randint(-1, T, (N,), generator=g, dtype=index_dtype) if index_dtype else None
+        if index is None:
+            T = N  # index None: row n uses adapter n
+            ranks, a, b = None, torch.randn(N, R, H_in, generator=g) / H_in ** 0.5, torch.randn(N, H_out, R, generator=g)
+        args = (torch.randn(N, H_in, generator=g).to(dtype), a.to(dtype), b.to(dtype), index,
+                torch.rand(T, generator=g) + 0.5, ranks, torch.randn(N, H_out, generator=g).to(dtype) if base else None)
+        yield f"{dtype} N={N} T={T} H={H_in}x{H_out} index={index_dtype} base={base}", args
+
+
+def run_lora_kernel(device):
+    op = torch.ops.peft_kernels.multi_lora_fwd
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+    mismatches, ran = [], 0
+    for name, args in lora_cases():
+        expected = lora_reference(*args)
+        try:
+            out = op(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]).cpu()
+            dtype = args[0].dtype
+            if out.dtype != dtype or out.shape != expected.shape or not torch.allclose(
+                    out.double(), expected, atol=tol[dtype], rtol=tol[dtype]):
+                err = (out.double() - expected).abs().max().item() if out.shape == expected.shape else "shape"
+                mismatches.append(f"{name} (max abs error {err})")
+        except Exception as err:
+            mismatches.append(f"{name}: {type(err).__name__}: {err}")
+        ran += 1
+    check(not mismatches, f"{device} multi_lora_fwd matches a pure-torch computation in {ran - len(mismatches)}/{ran} cases"
+          + "".join(f"\n        mismatch: {m}" for m in mismatches))
+    x, a, b = torch.randn(4, 8), torch.randn(2, 3, 8), torch.randn(2, 5, 3)
+    bad = [("x/lora_a H_in mismatch", (x, torch.randn(2, 3, 9), b, None, torch.ones(2), None, None)),
+           ("dtype mismatch", (x, a.double(), b, torch.tensor([0, 1, 1, -1]), torch.ones(2), None, None)),
+           ("index None with T not in (1, N)", (x, a, b, None, torch.ones(2), None, None))]
+    if device == "cpu":
+        bad.append(("out-of-range adapter_index", (x, a, b, torch.tensor([0, 2, 1, -1]), torch.ones(2), None, None)))
+    for name, args in bad:
+        try:
+            op(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in args])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            check(False, f"{device} multi_lora_fwd: {name} did not raise")
+        except RuntimeError:
+            pass
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--require-cuda", action="store_true", help="fail unless the CUDA kernel is registered")
@@ -142,17 +215,19 @@ def main():
         else:
             print(f"skip  _C_cuda: {where}")
 
-    has = {key: torch._C._dispatch_has_kernel_for_dispatch_key(OP, key) for key in ("CPU", "CUDA")}
-    check(has["CPU"], f"{OP} has a CPU kernel")
-    if args.require_cuda:
-        check(has["CUDA"], f"{OP} has a CUDA kernel")
-    if has["CPU"]:
-        check(str(torch.ops.peft_kernels.soft_prompt_embed_fwd.default._schema) == SCHEMA, "op schema")
-        run_kernel("cpu")
-    if has["CUDA"] and torch.cuda.is_available():
-        run_kernel("cuda")
-    elif has["CUDA"]:
-        print("skip  CUDA kernel registered, but no GPU to run it on")
+    for op, schema, run in ((OP, SCHEMA, run_kernel), (LORA_OP, LORA_SCHEMA, run_lora_kernel)):
+        has = {key: torch._C._dispatch_has_kernel_for_dispatch_key(op, key) for key in ("CPU", "CUDA")}
+        check(has["CPU"], f"{op} has a CPU kernel")
+        if args.require_cuda:
+            check(has["CUDA"], f"{op} has a CUDA kernel")
+        if has["CPU"]:
+            packet = getattr(torch.ops.peft_kernels, op.split("::")[1])
+            check(str(packet.default._schema) == schema, f"{op} schema")
+            run("cpu")
+        if has["CUDA"] and torch.cuda.is_available():
+            run("cuda")
+        elif has["CUDA"]:
+            print(f"skip  {op}: CUDA kernel registered, but no GPU to run it on")
 
     print(f"{len(failures)} failure(s)" if failures else "all checks passed")
     return 1 if failures else 0

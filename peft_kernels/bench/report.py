@@ -66,7 +66,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         f"- date {meta['date']}, commit `{meta['commit']}`{' (+ uncommitted changes)' if meta.get('dirty') else ''}",
         f"- torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}, transformers {v['transformers']}, "
-        f"peft {v['peft']}, python {v['python']}; {meta['threads']} CPU threads",
+        f"peft {v['peft']}, python {v['python']}; CPU threads: {meta['threads']}",
         f"- mode: {'quick' if meta['quick'] else 'full'}; timer: {meta['timer']}",
         f"- peak: {meta['peak_note']}",
         f"- command: `{meta['command']}`",
