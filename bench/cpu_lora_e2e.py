@@ -131,7 +131,8 @@ def build_models():
     names = [f"adapter{t}" for t in range(len(RANKS))]
     peft_model = None
     for name, r in zip(names, RANKS):
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False,
+                         task_type="CAUSAL_LM")
         if peft_model is None:
             peft_model = get_peft_model(base, cfg, adapter_name=name)
         else:
@@ -155,6 +156,16 @@ def method_layer_model(model, peft_model, names):
     return routing
 
 
+def crop_to(cache, length: int) -> None:
+    """Drop the KV cache's tokens past ``length`` (newer transformers take minus the count to drop)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        try:
+            cache.crop(-extra)
+        except ValueError:
+            cache.crop(length)
+
+
 def e2e_bench(args) -> list[dict]:
     from transformers import DynamicCache
 
@@ -163,7 +174,7 @@ def e2e_bench(args) -> list[dict]:
     per_row = [names[i % len(names)] for i in range(B)]
     g = torch.Generator().manual_seed(1)
     routing = method_layer_model(ours_layer, peft_model, names)
-    index = routing.index_for(per_row, B, "cpu")
+    index = torch.tensor([routing.names.index(n) for n in per_row], dtype=torch.int32)
 
     patched = None
     from peft_kernels.integrations import peft as pk_peft
@@ -208,7 +219,7 @@ def e2e_bench(args) -> list[dict]:
         def decode(fn):
             def step():
                 fn(step_ids, past_key_values=cache, use_cache=True)
-                cache.crop(prefix)
+                crop_to(cache, prefix)
             return step
 
         shapes = {

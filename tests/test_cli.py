@@ -25,5 +25,6 @@ def test_demo_runs_and_agrees_with_baselines():
     res = _run("demo")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "all ops agree with their baselines" in res.stdout
-    for op in ("prefix_attention", "multi_lora", "soft_prompt_embed"):
+    assert "demo finished: all checks passed" in res.stdout
+    for op in ("prefix_attention", "multi_lora", "soft_prompt_embed", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
         assert op in res.stdout
