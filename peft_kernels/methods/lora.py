@@ -30,14 +30,26 @@ class AdapterRouting:
     def __init__(self):
         self.names: list[str] = []
         self.index: Optional[Tensor] = None  # [B] slot per row, -1 = none; None = adapters off
+        self._per_token: dict[int, Tensor] = {}
+
+    def token_index(self, length: int) -> Tensor:
+        """The row index repeated for each of ``length`` tokens ([B * length]), built once per
+        batch and length and shared by every layer (so kernels can reuse their sort of it)."""
+        if length == 1:
+            return self.index
+        if length not in self._per_token:
+            B = self.index.shape[0]
+            self._per_token[length] = self.index[:, None].expand(B, length).reshape(B * length)
+        return self._per_token[length]
 
     @contextlib.contextmanager
     def use(self, index: Optional[Tensor]) -> Iterator[None]:
-        previous, self.index = self.index, index
+        previous = self.index, self._per_token
+        self.index, self._per_token = index, {}
         try:
             yield
         finally:
-            self.index = previous
+            self.index, self._per_token = previous
 
 
 def _kaiming_a(rank: int, fan_in: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -153,9 +165,13 @@ class LoraLinear(nn.Module):
         xa = x.to(dtype)
         if self.training and any(self.dropout):
             xa = self._row_dropout(xa, index)
-        out = multi_lora(xa, self.lora_A, self.lora_B, index, self.scaling, ranks=self.ranks, base=y.to(dtype),
-                         validate=False)
-        return out.to(y.dtype)
+        if x.dim() == 3 and index.shape[0] == x.shape[0]:  # one adapter per sequence
+            xa, y2 = xa.reshape(-1, xa.shape[-1]), y.reshape(-1, y.shape[-1]).to(dtype)
+            index = self.routing.token_index(x.shape[1])
+        else:
+            y2 = y.to(dtype)
+        out = multi_lora(xa, self.lora_A, self.lora_B, index, self.scaling, ranks=self.ranks, base=y2, validate=False)
+        return out.reshape(y.shape).to(y.dtype)
 
 
 def find_targets(model: nn.Module, target_modules: Union[str, Iterable[str]]) -> list[str]:
