@@ -7,6 +7,7 @@ import platform
 import torch
 
 from . import _ext
+from . import triton as triton_kernels
 from .ops import _dispatch
 
 
@@ -33,6 +34,7 @@ def info() -> dict:
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads), no CUDA device",
         "backends": {dev: _dispatch.status(dev) for dev in ("cpu", "cuda")},
         "kernels": {name: _dispatch.ops_of(name) for name in _dispatch.BACKENDS},
+        "triton_load_errors": dict(triton_kernels.LOAD_ERRORS),
         "extensions": {
             ext.name: {"loaded": ext.loaded, "error": ext.error, "build_info": ext.build_info}
             for ext in (_ext.CPU, _ext.CUDA)
@@ -52,6 +54,8 @@ def format_info(data: dict) -> str:
         lines.append(f"  {name:<10} cpu: {cells[0]}")
         lines.append(f"  {'':<10} cuda: {cells[1]}")
         lines.append(f"  {'':<10} ops: {', '.join(data['kernels'][name]) or 'none yet'}")
+    for module, error in data["triton_load_errors"].items():
+        lines.append(f"  triton kernels {module!r} failed to load: {error}")
     lines += ["", "extensions:"]
     for name, ext in data["extensions"].items():
         state = "loaded" if ext["loaded"] else f"not loaded: {ext['error']}"

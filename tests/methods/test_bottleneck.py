@@ -105,7 +105,7 @@ def test_matches_plain_torch_adapters(make, placement, act):
         off = wrapped(ids, attention_mask=mask, adapter_names=[None] * 3).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(off, plain_base(ids, attention_mask=mask).logits)  # no adapter: the base model exactly
-        assert not torch.allclose(got, off, atol=1e-3)
+        assert (got - off).abs().max() > 1e-4  # the adapters do change the output
 
 
 def test_new_adapter_is_identity_and_only_adapters_train():
