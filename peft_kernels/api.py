@@ -6,12 +6,15 @@
 
 ``apply(model, config, name)`` returns the object that runs the model:
 
-| config | returns | forward |
-|---|---|---|
-| ``LoraConfig``, ``PrefixTuningConfig``, ``PTuningV2Config``, ``PromptTuningConfig``, ``PTuningConfig`` | :class:`~peft_kernels.MultiAdapterModel` with adapter ``name`` added | ``runner(input_ids, ..., adapter_names=name)`` (``adapter_names=None`` runs the base model) |
-| ``VPTConfig`` | :class:`~peft_kernels.methods.vpt.VisualPromptTuning` | ``runner(pixel_values, task_index=...)`` |
-| ``BottleneckConfig`` | :class:`~peft_kernels.methods.bottleneck.BottleneckAdapterModel` | ``runner(input_ids, ..., adapter_names=...)`` (None = the only adapter) |
-| ``BitFitConfig``, ``LayerNormTuningConfig``, ``HeadTuningConfig`` | the model itself, frozen except the tuned parameters | as before |
+- ``LoraConfig``, ``PrefixTuningConfig``, ``PTuningV2Config``, ``PromptTuningConfig``,
+  ``PTuningConfig``: a :class:`~peft_kernels.MultiAdapterModel` holding adapter ``name``; run it as
+  ``runner(input_ids, ..., adapter_names=name)`` (``adapter_names=None`` runs the base model);
+- ``VPTConfig``: a :class:`~peft_kernels.methods.vpt.VisualPromptTuning`;
+  ``runner(pixel_values, task_index=...)``;
+- ``BottleneckConfig``: a :class:`~peft_kernels.methods.bottleneck.BottleneckAdapterModel`;
+  ``runner(input_ids, ..., adapter_names=...)`` (None = the only adapter loaded);
+- ``BitFitConfig``, ``LayerNormTuningConfig``, ``HeadTuningConfig``: the model itself, frozen
+  except the tuned parameters.
 
 Passing a ``MultiAdapterModel`` (or a ``BottleneckAdapterModel``) as ``model`` adds another adapter
 to it. Wrapping a plain model freezes it first, so only the method's parameters train.
@@ -20,7 +23,7 @@ trained tensors of any runner; :func:`method_table` measures each method on fixe
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -352,7 +355,10 @@ def method_table(methods: Optional[Sequence[str]] = None) -> list[dict]:
     return rows
 
 
-_OP_TEXT = {"none": "none (plain autograd)", "soft_prompt_embed+concat": "`soft_prompt_embed` (`soft_prompt_concat` from embeddings)"}
+_OP_TEXT = {
+    "none": "none (plain autograd)",
+    "soft_prompt_embed+concat": "`soft_prompt_embed` (`soft_prompt_concat` from embeddings)",
+}
 
 
 def method_table_markdown(rows: Optional[list[dict]] = None) -> str:

@@ -150,7 +150,9 @@ ProcessFn<S> process_fn() {
 // ---------------------------------------------------------------- host side
 constexpr int64_t kBlockRows = 16;            // rows per work item of an adapter
 constexpr int64_t kCopyBlockRows = 64;        // rows per copy item
-constexpr int64_t kMinCostPerThread = 40000;  // ~multiply-adds below which another thread does not pay
+// Multiply-adds per extra thread (~5 us of one core): a decode-sized call runs on the calling thread, as
+// waking OpenMP workers costs more than it saves there (and much more on a busy machine).
+constexpr int64_t kMinCostPerThread = 256 * 1024;
 
 template <typename index_t>
 void read_rows(const index_t* index, int64_t N, int64_t T, int64_t* row_t) {

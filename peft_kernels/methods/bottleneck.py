@@ -21,12 +21,13 @@ index ``-1`` selects.
 
 Placement (forward hooks on existing modules, no model code copied; :data:`FAMILIES`):
 
-- Llama-style decoders (Llama, Mistral, Qwen2, Gemma, Phi-3, ...): the output of
-  ``layers.N.self_attn.o_proj`` and of ``layers.N.mlp`` (pre-norm blocks: the adapter output goes
-  straight into the residual add);
+- Llama-style layouts (Llama, Mistral, Qwen2, Gemma, Phi-3, ...; also ViT as transformers 5.2x
+  names it, ``layers.N.attention.o_proj``): the output of ``layers.N.self_attn.o_proj`` (or
+  ``.attention.o_proj``) and of ``layers.N.mlp`` (pre-norm blocks: the adapter output goes straight
+  into the residual add);
 - GPT-2: the output of ``h.N.attn.c_proj`` and ``h.N.mlp.c_proj`` (before the residual dropout and
   the residual add);
-- BERT-style encoders (BERT, RoBERTa, ELECTRA, ViT, ...): the output of
+- BERT-style encoders (BERT, RoBERTa, ELECTRA, older ViT naming, ...): the output of
   ``layer.N.attention.output.dense`` and ``layer.N.output.dense``, i.e. before the residual
   LayerNorm, where Houlsby placed it. The sub-layer's dropout then acts on the adapter's output
   too (identical in eval; in training the adapter sits inside the dropout rather than after it).
@@ -40,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ PLACEMENTS = ("houlsby", "pfeiffer")
 
 # name, attention-site regex, feed-forward-site regex (full match on module names)
 FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("llama", r"(.*\.)?layers\.\d+\.self_attn\.o_proj", r"(.*\.)?layers\.\d+\.mlp"),
+    ("llama", r"(.*\.)?layers\.\d+\.(self_attn|attention)\.o_proj", r"(.*\.)?layers\.\d+\.mlp"),
     ("gpt2", r"(.*\.)?h\.\d+\.attn\.c_proj", r"(.*\.)?h\.\d+\.mlp\.c_proj"),
     ("bert", r"(.*\.)?layer\.\d+\.attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense"),
 )
@@ -141,8 +142,8 @@ class BottleneckBank(nn.Module):
     """All adapters at one site: T bottleneck adapters over hidden size H, applied per row.
 
     Shapes: ``down`` [T, R, H], ``down_bias`` [T, R], ``up`` [T, H, R], ``up_bias`` [T, H]
-    (R = the largest bottleneck size, zero-padded), ``ranks`` [T] int32 (0 = this adapter has no
-    adapter here), ``scaling`` [T] fp32. ``forward(x [B, ..., H], index [B])`` -> [B, ..., H].
+    (R = the largest bottleneck size, zero-padded), ``ranks`` [T] int32 (0 = the adapter skips this
+    site), ``scaling`` [T] fp32. ``forward(x [B, ..., H], index [B])`` -> [B, ..., H].
     Semantics: row b with slot t = index[b] >= 0 gets ``x + s_t (W_up act_t(W_down x + b_down) + b_up)``
     (first ranks[t] slots only); rows with -1, and slots of rank 0, get x exactly. Weights are
     kept in the bank's dtype; x is cast to it and the result back. ``index`` must be validated by
@@ -195,7 +196,6 @@ class BottleneckBank(nn.Module):
         T, R, H = self.down.shape
         r = 0 if weights is None else weights[0].shape[0]
         if weights is not None:
-            d, db, u, ub = weights
             want = ((r, H), (r,), (H, r), (H,))
             if tuple(tuple(w.shape) for w in weights) != want:
                 raise ValueError(f"bottleneck weights must be down [r, {H}], down_bias [r], up [{H}, r], up_bias [{H}], "
@@ -241,20 +241,26 @@ class BottleneckBank(nn.Module):
             out = torch.where(row_kind == k, ACTIVATIONS[name](h), out)
         return out
 
-    def forward(self, x: Tensor, index: Tensor) -> Tensor:
+    def forward(self, x: Tensor, index: Tensor, token_index: Optional[Tensor] = None) -> Tensor:
+        """``x`` [B, ..., H], ``index`` [B]; ``token_index`` = ``index`` repeated per token ([B * L]),
+        shared by every site of a batch (:meth:`AdapterRouting.token_index`), built here if None."""
         T, R, H = self.down.shape
         if x.shape[-1] != H:
             raise ValueError(f"bottleneck bank over H={H} got an output of shape {list(x.shape)}")
         B = x.shape[0]
         xf = x.to(self.down.dtype).reshape(B, -1, H)  # [B, L, H]: index [B] is per sequence
+        L = xf.shape[1]
+        if token_index is None:
+            token_index = index if L == 1 else index[:, None].expand(B, L).reshape(B * L)
         live = (self.ranks > 0).to(self.down.dtype)[:, None]  # rank-0 slots: no bias, no gradient
         rows = index.long()  # -1 picks the appended zero row
         down_bias = torch.cat([self.down_bias * live, self.down_bias.new_zeros(1, R)])[rows]  # [B, R]
         up_bias = torch.cat([self.up_bias * (live * self.scaling.to(live)[:, None]), self.up_bias.new_zeros(1, H)])[rows]
-        h = multi_lora(xf, self.down, self.eye, index, self.ones, ranks=self.ranks, validate=False)  # [B, L, R]
-        a = self._activate(h + down_bias[:, None, :], index)
-        out = multi_lora(a, self.eye, self.up, index, self.scaling, ranks=self.ranks, base=xf + up_bias[:, None, :],
-                         validate=False)
+        x2 = xf.reshape(B * L, H)
+        h = multi_lora(x2, self.down, self.eye, token_index, self.ones, ranks=self.ranks, validate=False)  # [B*L, R]
+        a = self._activate((h.view(B, L, R) + down_bias[:, None, :]).view(B * L, R), token_index)
+        base = (xf + up_bias[:, None, :]).reshape(B * L, H)
+        out = multi_lora(a, self.eye, self.up, token_index, self.scaling, ranks=self.ranks, base=base, validate=False)
         return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -308,7 +314,8 @@ class BottleneckAdapterModel(nn.Module):
             if index is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            out = self.banks[key](hidden, index)
+            L = hidden[0].numel() // hidden.shape[-1]  # tokens per row
+            out = self.banks[key](hidden, index, self.routing.token_index(L))
             return (out, *output[1:]) if isinstance(output, tuple) else out
 
         return hook

@@ -8,7 +8,9 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
+import peft_kernels as pk  # noqa: E402
 from peft_kernels.methods.bottleneck import ACTIVATIONS, BottleneckAdapterModel, find_sites  # noqa: E402
+from tests.conftest import kernel_backends  # noqa: E402
 from tests.models import batch, tiny_llama  # noqa: E402
 
 V = 97
@@ -53,7 +55,7 @@ def plain_model(base, wrapped, name):
     for module_name in config["modules"]:
         parent, _, child = module_name.rpartition(".")
         owner = plain.get_submodule(parent)
-        weights = [state[f"{module_name}.{part}"] for part in ("down", "down_bias", "up", "up_bias")]
+        weights = [state[f"{module_name}.{part}"].requires_grad_() for part in ("down", "down_bias", "up", "up_bias")]
         setattr(owner, child, PlainAdapter(getattr(owner, child), *weights, config["non_linearity"], config["scaling"]))
     return plain
 
@@ -67,6 +69,11 @@ def test_sites_per_family_and_unknown_architecture():
     bert = find_sites(tiny_bert())
     assert bert["attn"] == [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(2)]
     assert bert["ffn"] == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
+    from tests.methods.test_vpt import tiny_vit  # ViT: BERT-style names, or Llama-style ones in newer transformers
+
+    vit = find_sites(tiny_vit())
+    assert len(vit["attn"]) == len(vit["ffn"]) == 3
+    assert all(n.endswith(("attention.o_proj", "attention.output.dense")) for n in vit["attn"])
 
     odd = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
     with pytest.raises(ValueError, match="attn_modules=.*ffn_modules="):
@@ -99,11 +106,21 @@ def test_matches_plain_torch_adapters(make, placement, act):
                         generator=torch.Generator().manual_seed(3))
     assert len(wrapped.configs["a"]["modules"]) == (4 if placement == "houlsby" else 2)
     ids, mask = batch(V, B=3, L=6)
+    plain = plain_model(plain_base, wrapped, "a")
+    got = wrapped(ids, attention_mask=mask, adapter_names="a").logits
+    want = plain(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    probe = torch.randn(got.shape, generator=torch.Generator().manual_seed(4))
+    (got * probe).sum().backward()
+    (want * probe).sum().backward()
+    for module_name in wrapped.configs["a"]["modules"]:  # the gradients through multi_lora equal autograd's
+        bank = wrapped.banks[module_name.replace(".", "__")]
+        plain_adapter = plain.get_submodule(module_name)
+        for w_bank, w_plain in zip((bank.down.grad[0], bank.down_bias.grad[0], bank.up.grad[0], bank.up_bias.grad[0]),
+                                   plain_adapter.w):
+            torch.testing.assert_close(w_bank, w_plain.grad, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        got = wrapped(ids, attention_mask=mask, adapter_names="a").logits
-        want = plain_model(plain_base, wrapped, "a")(ids, attention_mask=mask).logits
         off = wrapped(ids, attention_mask=mask, adapter_names=[None] * 3).logits
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(off, plain_base(ids, attention_mask=mask).logits)  # no adapter: the base model exactly
         assert (got - off).abs().max() > 1e-4  # the adapters do change the output
 
@@ -144,7 +161,8 @@ def test_mixed_batch_rows_equal_rows_alone_forward_and_gradients():
     def run(rows):
         wrapped.zero_grad()
         logits = wrapped(ids[rows], attention_mask=mask[rows], adapter_names=[names[r] for r in rows]).logits
-        (logits * weight[rows]).sum().backward()
+        if logits.requires_grad:  # a row without an adapter touches no trainable parameter
+            (logits * weight[rows]).sum().backward()
         grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
         return logits.detach(), grads
 
@@ -167,8 +185,29 @@ def test_mixed_batch_rows_equal_rows_alone_forward_and_gradients():
         assert not mixed_grads[f"banks.model__layers__0__self_attn__o_proj.{part}"][slot].any()
 
 
+@pytest.mark.parametrize("backend", kernel_backends("multi_lora"))
+def test_every_multi_lora_backend_gives_the_reference_answer(backend):
+    _, wrapped = _mixed()
+    ids, mask = batch(V, B=4, L=5)
+    names = ["h4", None, "p6", "h2"]
+    results = []
+    for name in ("reference", backend):
+        with pk.use_backend(name):
+            wrapped.zero_grad()
+            out = wrapped(ids, attention_mask=mask, adapter_names=names).logits
+            out.square().sum().backward()
+            assert pk.last_backend("multi_lora") == name
+        results.append((out.detach(), {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, grads) = results
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert set(grads) == set(want_grads)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_two_adapters_learn_two_tasks_in_mixed_batches():
     base = tiny_llama()
+    base.lm_head.weight.data *= 20  # random init's logits are too flat to learn a sequence quickly
     wrapped = BottleneckAdapterModel(base).train()
     wrapped.add_adapter("a", 8, non_linearity="gelu")
     wrapped.add_adapter("b", 4, placement="pfeiffer")
@@ -176,18 +215,18 @@ def test_two_adapters_learn_two_tasks_in_mixed_batches():
     targets = {n: torch.randint(3, V, (1, 8), generator=g) for n in ("a", "b")}
     ids = torch.cat([targets["a"], targets["b"], targets["a"], targets["b"]])
     names = ["a", "b", "a", "b"]
-    opt = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=2e-2)
+    opt = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=5e-2)
     history = {"a": [], "b": []}
-    for _ in range(15):
+    for _ in range(30):
         logits = wrapped(ids, adapter_names=names).logits[:, :-1]
         losses = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none").view(4, -1).mean(1)
         for n in history:
-            history[n].append(float(losses[[i for i, m in enumerate(names) if m == n]].mean()))
+            history[n].append(float(losses.detach()[[i for i, m in enumerate(names) if m == n]].mean()))
         opt.zero_grad()
         losses.sum().backward()
         opt.step()
     for n, losses in history.items():
-        assert losses[-1] < losses[0] - 0.5, (n, losses)
+        assert losses[-1] < losses[0] - 2.0, (n, losses)
 
 
 def test_save_reload_and_unload():
