@@ -157,7 +157,8 @@ def lora_cases():
         index = torch.randint(-1, T, (N,), generator=g, dtype=index_dtype) if index_dtype else None
         if index is None:
             T = N  # index None: row n uses adapter n
-            ranks, a, b = None, torch.randn(N, R, H_in, generator=g) / H_in ** 0.5, torch.randn(N, H_out, R, generator=g)
+            ranks = None
+            a, b = torch.randn(N, R, H_in, generator=g) / H_in ** 0.5, torch.randn(N, H_out, R, generator=g)
         args = (torch.randn(N, H_in, generator=g).to(dtype), a.to(dtype), b.to(dtype), index,
                 torch.rand(T, generator=g) + 0.5, ranks, torch.randn(N, H_out, generator=g).to(dtype) if base else None)
         yield f"{dtype} N={N} T={T} H={H_in}x{H_out} index={index_dtype} base={base}", args
@@ -179,7 +180,8 @@ def run_lora_kernel(device):
         except Exception as err:
             mismatches.append(f"{name}: {type(err).__name__}: {err}")
         ran += 1
-    check(not mismatches, f"{device} multi_lora_fwd matches a pure-torch computation in {ran - len(mismatches)}/{ran} cases"
+    check(not mismatches,
+          f"{device} multi_lora_fwd matches a pure-torch computation in {ran - len(mismatches)}/{ran} cases"
           + "".join(f"\n        mismatch: {m}" for m in mismatches))
     x, a, b = torch.randn(4, 8), torch.randn(2, 3, 8), torch.randn(2, 5, 3)
     bad = [("x/lora_a H_in mismatch", (x, torch.randn(2, 3, 9), b, None, torch.ones(2), None, None)),

@@ -14,8 +14,11 @@
    with a 32-token KV cache, cropped back after every step) and at 16 x 64 (no cache):
    base model alone; PEFT mixed batch (``model(ids, adapter_names=[...])``); ours: the same PEFT
    model after ``peft_kernels.patch`` (when it supports LoRA) and the peft_kernels LoRA method
-   layer (``apply_lora`` + ``LoraLinear``, adapter banks stacked once at load). Reported: the time
-   the adapters add over the base model, and PEFT's added time / ours.
+   layer (``apply_lora`` + ``LoraLinear``, adapter banks stacked once at load); and, as a what-if
+   that is not a code path of the package, that layer calling ``torch.ops.peft_kernels.multi_lora_fwd``
+   itself (no Python op wrapper / custom_op / backend selection), which shows what the per-call
+   Python overhead costs. Reported: the time the adapters add over the base model, and PEFT's
+   added time / ours.
 
 Timing: ``torch.utils.benchmark`` medians, all variants in this process, measured round-robin
 (``--rounds`` rounds; the median over rounds is reported) so that load from other processes hits
@@ -108,8 +111,9 @@ def kernel_bench(args) -> list[dict]:
                        speedup_vs_reference=t["reference"] / t["cpp kernel"],
                        speedup_vs_loop=t["PEFT-style loop"] / t["cpp kernel"])
             rows.append(row)
-            print(f"  {row['dtype']:9s} {label:14s} cpp {t['cpp kernel'] * 1e6:8.1f} us   via op {t['cpp via op'] * 1e6:8.1f} us"
-                  f"   reference {t['reference'] * 1e6:8.1f} us   loop {t['PEFT-style loop'] * 1e6:8.1f} us"
+            us = {k: v * 1e6 for k, v in t.items()}
+            print(f"  {row['dtype']:9s} {label:14s} cpp {us['cpp kernel']:8.1f} us   via op {us['cpp via op']:8.1f} us"
+                  f"   reference {us['reference']:8.1f} us   loop {us['PEFT-style loop']:8.1f} us"
                   f"   -> x{row['speedup_vs_reference']:.1f} vs reference, x{row['speedup_vs_loop']:.1f} vs loop",
                   flush=True)
     return rows
@@ -156,6 +160,38 @@ def method_layer_model(model, peft_model, names):
     return routing
 
 
+def install_direct_forward(model):
+    """Give every LoraLinear of ``model`` a forward that calls torch.ops.peft_kernels.multi_lora_fwd itself."""
+    from types import MethodType
+
+    from peft_kernels.methods.lora import LoraLinear
+
+    op = torch.ops.peft_kernels.multi_lora_fwd
+    per_length: dict = {}
+
+    def forward(self, x):
+        y = self.base(x)
+        index = self.routing.index
+        if index is None:
+            return y
+        if x.dim() == 3 and x.shape[1] != 1:  # one adapter per sequence: repeat per token, once per batch
+            key = (id(index), x.shape[1])
+            if key not in per_length:
+                per_length.clear()
+                per_length[key] = index.repeat_interleave(x.shape[1])
+            index = per_length[key]
+        out = op(x.reshape(-1, x.shape[-1]), self.lora_A, self.lora_B, index, self.scaling, self.ranks,
+                 y.reshape(-1, y.shape[-1]))
+        return out.view(y.shape)
+
+    routing = None
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.forward = MethodType(forward, module)
+            routing = module.routing
+    return routing
+
+
 def crop_to(cache, length: int) -> None:
     """Drop the KV cache's tokens past ``length`` (newer transformers take minus the count to drop)."""
     extra = cache.get_seq_length() - length
@@ -196,13 +232,24 @@ def e2e_bench(args) -> list[dict]:
 
     variants["ours: LoRA method layer"] = method_layer
 
+    # What-if (not a code path of the package): the method layer calling the native op directly,
+    # without the Python op wrapper, custom_op and backend selection; inference only.
+    direct_model = copy.deepcopy(ours_layer)
+    direct_routing = install_direct_forward(direct_model)
+
+    def direct_layer(ids, **kw):
+        with direct_routing.use(index):
+            return direct_model(ids, **kw)
+
+    variants["what-if: method layer -> native op directly"] = direct_layer
+
     rows = []
     with torch.inference_mode():
         # Same logits as PEFT's mixed batch (16 x 64, no cache).
         ids = torch.randint(0, 1024, (B, 64), generator=g)
         want = peft_model(ids, adapter_names=per_row).logits
         for name, fn in variants.items():
-            if name.startswith("ours"):
+            if name.startswith(("ours", "what-if")):
                 got = fn(ids).logits
                 err = (got - want).abs().max().item()
                 assert err < 1e-3, f"{name}: logits differ from PEFT's by {err}"
@@ -233,11 +280,12 @@ def e2e_bench(args) -> list[dict]:
             print(f"  {label}: base model {base_t * 1e3:.2f} ms; PEFT mixed batch {t['PEFT mixed batch'] * 1e3:.2f} ms "
                   f"(adds {peft_add * 1e3:.2f} ms)")
             for name in t:
-                if not name.startswith("ours"):
+                if not name.startswith(("ours", "what-if")):
                     continue
                 add = t[name] - base_t
                 ratio = peft_add / add if add > 0 else float("inf")
-                print(f"      {name}: {t[name] * 1e3:.2f} ms (adds {add * 1e3:.3f} ms) -> PEFT adds x{ratio:.1f} more")
+                print(f"      {name}: {t[name] * 1e3:.2f} ms (adds {add * 1e3:.3f} ms) -> PEFT's added time / ours = "
+                      f"x{ratio:.1f}")
                 rows.append(dict(shape=label, variant=name, base_ms=base_t * 1e3, peft_ms=t["PEFT mixed batch"] * 1e3,
                                  ours_ms=t[name] * 1e3, peft_added_ms=peft_add * 1e3, ours_added_ms=add * 1e3,
                                  added_ratio=ratio))

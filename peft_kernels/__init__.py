@@ -4,6 +4,10 @@ Ops (each a ``torch.ops.peft_kernels`` custom op with autograd, fake/meta and a 
 dispatcher): :func:`prefix_attention`, :func:`multi_lora`, :func:`soft_prompt_embed`,
 :func:`soft_prompt_concat`, :func:`soft_prompt_mask`. See ``reference`` for the exact
 semantics, ``info()`` for what is available on this machine.
+
+Models: :func:`patch` (a ``peft`` model onto the ops, in place), :class:`MultiAdapterModel`
+(one batch, adapters of different kinds), :func:`apply` with the configs of :mod:`api` (every
+method of :mod:`methods` behind one call).
 """
 from . import reference
 from ._info import info
@@ -12,11 +16,15 @@ from .ops._dispatch import BACKENDS, BackendUnavailableError, last_backend, use_
 from . import triton as _triton_kernels  # registers the Triton backend's kernels
 from .integrations.peft import patch, unpatch
 from .multi_adapter import MultiAdapterModel
+from . import api, methods  # noqa: E402  (api imports the methods)
+from .api import apply
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "api",
+    "apply",
     "MultiAdapterModel",
     "info",
     "last_backend",

@@ -8,7 +8,7 @@
 
 - ``LoraConfig``, ``PrefixTuningConfig``, ``PTuningV2Config``, ``PromptTuningConfig``,
   ``PTuningConfig``: a :class:`~peft_kernels.MultiAdapterModel` holding adapter ``name``; run it as
-  ``runner(input_ids, ..., adapter_names=name)`` (``adapter_names=None`` runs the base model);
+  ``runner(input_ids, ...)`` (adapter ``name`` is made active; pass ``adapter_names`` per row to mix);
 - ``VPTConfig``: a :class:`~peft_kernels.methods.vpt.VisualPromptTuning`;
   ``runner(pixel_values, task_index=...)``;
 - ``BottleneckConfig``: a :class:`~peft_kernels.methods.bottleneck.BottleneckAdapterModel`;
@@ -228,6 +228,7 @@ def apply(model: nn.Module, config, name: str = "default", *, verbose: bool = Fa
             _freeze.freeze(model)
             runner = MultiAdapterModel(model)
         runner.add_adapter(name, config.to_peft_dict())
+        runner.set_adapter(name)
     elif isinstance(config, VPTConfig):
         _plain(model, config)
         runner = VisualPromptTuning(model, config.num_prompts, config.deep, num_tasks=config.num_tasks,

@@ -48,8 +48,9 @@ class MultiAdapterModel(nn.Module):
     tokens only, whatever the kinds in the batch); generate returns [B, L + new].
     Semantics: each row's logits equal that row run alone under its own PEFT model (positions
     counted without padding, as generate counts them); in train mode every adapter used in the
-    batch gets exactly the gradient of its own rows. ``adapter_names=None`` runs the base model.
-    LoRA weights are kept in ``adapter_dtype`` (fp32 by default, as PEFT does).
+    batch gets exactly the gradient of its own rows. ``adapter_names=None`` gives every row the
+    active adapter (:meth:`set_adapter`; none until set: the base model). LoRA weights are kept
+    in ``adapter_dtype`` (fp32 by default, as PEFT does).
     """
 
     def __init__(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32):
@@ -62,6 +63,7 @@ class MultiAdapterModel(nn.Module):
         self.configs: dict[str, dict] = {}
         self.prefix_state = hf.PrefixState()
         self._attachment: Optional[hf.Attachment] = None
+        self.active_adapter: Optional[str] = None
 
     # ------------------------------------------------------------------ adapters
 
@@ -69,6 +71,12 @@ class MultiAdapterModel(nn.Module):
     def adapters(self) -> dict[str, str]:
         """``{name: peft_type}`` of every loaded adapter, in load order."""
         return {name: config["peft_type"] for name, config in self.configs.items()}
+
+    def set_adapter(self, name: Optional[str]) -> None:
+        """Make ``name`` the adapter every row uses when ``adapter_names`` is not given (None: base)."""
+        if name is not None and name not in self.configs:
+            raise ValueError(f"unknown adapter {name!r}; loaded: {list(self.configs)}")
+        self.active_adapter = name
 
     def _check_new(self, name: str) -> None:
         if not name or not isinstance(name, str):
@@ -225,6 +233,8 @@ class MultiAdapterModel(nn.Module):
         else:
             del self.prompts[name]
         del self.configs[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
 
     def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
         """The adapter's tensors under PEFT's key names (what ``save_adapter`` writes)."""
@@ -248,7 +258,9 @@ class MultiAdapterModel(nn.Module):
     @contextlib.contextmanager
     def _batch(self, adapter_names, rows: int, device) -> Iterator[dict]:
         """Route one batch: LoRA slot index, prefix banks and the rows' prompts, set once."""
-        names = [None] * rows if adapter_names is None else per_row(adapter_names, rows, list(self.configs))
+        if adapter_names is None:
+            adapter_names = [self.active_adapter] * rows
+        names = per_row(adapter_names, rows, list(self.configs))
         kind = self.adapters
         lora = [self.routing.names.index(n) if n is not None and kind[n] == LORA else -1 for n in names]
         lora_index = torch.tensor(lora, dtype=torch.int32, device=device) if max(lora, default=-1) >= 0 else None

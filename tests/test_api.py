@@ -10,7 +10,7 @@ import peft_kernels as pk  # noqa: E402
 from peft_kernels import api  # noqa: E402
 from peft_kernels.methods.bottleneck import BottleneckAdapterModel  # noqa: E402
 from peft_kernels.methods.vpt import VisualPromptTuning  # noqa: E402
-from tests.models import batch, tiny_llama  # noqa: E402
+from models import batch, tiny_llama  # noqa: E402
 
 V = 97
 

@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 
 import peft_kernels as pk  # noqa: E402
 from peft_kernels.methods.bottleneck import ACTIVATIONS, BottleneckAdapterModel, find_sites  # noqa: E402
-from tests.conftest import kernel_backends  # noqa: E402
-from tests.models import batch, tiny_llama  # noqa: E402
+from conftest import kernel_backends  # noqa: E402
+from models import batch, tiny_llama  # noqa: E402
 
 V = 97
 
@@ -30,6 +30,14 @@ def tiny_bert(seed=0):
     torch.manual_seed(seed)
     return BertForSequenceClassification(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                                     num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+
+
+def tiny_vit(seed=0):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    return ViTModel(ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=3,
+                              num_attention_heads=4, intermediate_size=64)).eval()
 
 
 class PlainAdapter(nn.Module):
@@ -69,9 +77,7 @@ def test_sites_per_family_and_unknown_architecture():
     bert = find_sites(tiny_bert())
     assert bert["attn"] == [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(2)]
     assert bert["ffn"] == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
-    from tests.methods.test_vpt import tiny_vit  # ViT: BERT-style names, or Llama-style ones in newer transformers
-
-    vit = find_sites(tiny_vit())
+    vit = find_sites(tiny_vit())  # BERT-style names, or Llama-style ones in newer transformers
     assert len(vit["attn"]) == len(vit["ffn"]) == 3
     assert all(n.endswith(("attention.o_proj", "attention.output.dense")) for n in vit["attn"])
 

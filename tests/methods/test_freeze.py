@@ -6,7 +6,7 @@ from torch import nn
 pytest.importorskip("transformers")
 
 from peft_kernels.methods import freeze  # noqa: E402
-from tests.models import batch, tiny_llama  # noqa: E402
+from models import batch, tiny_llama  # noqa: E402
 
 V = 97
 

@@ -156,6 +156,26 @@ def test_three_dim_input_with_per_sequence_index(dtype):
     check(got, want, dtype)
 
 
+@pytest.mark.parametrize("case", ["H_in=0", "H_out=0", "R=0", "T=0", "all ranks 0"])
+def test_degenerate_shapes(case):
+    N, T, R, H_in, H_out = 3, 2, 4, 6, 5
+    ranks = None
+    if case == "H_in=0":
+        H_in = 0
+    elif case == "H_out=0":
+        H_out = 0
+    elif case == "R=0":
+        R = 0
+    elif case == "T=0":
+        T = 0
+    else:
+        ranks = torch.zeros(T, dtype=torch.int64)
+    args = (torch.randn(N, H_in), torch.randn(T, R, H_in), torch.randn(T, H_out, R),
+            torch.tensor([0, 1, -1]) if T else torch.full((N,), -1), torch.ones(T), ranks, torch.randn(N, H_out))
+    got = torch.ops.peft_kernels.multi_lora_fwd(*args)
+    check(got, pk.reference.multi_lora(*args), torch.float32)
+
+
 def test_non_contiguous_inputs():
     g = torch.Generator().manual_seed(5)
     N, T, R, H_in, H_out = 33, 3, 8, 40, 24
