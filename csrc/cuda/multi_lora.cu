@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kExpandThreads)
     lora_expand_kernel(const acc_t* __restrict__ h, const scalar_t* __restrict__ b, const scalar_t* __restrict__ base,
                        scalar_t* __restrict__ out, const void* index, bool index64, int64_t none_stride,
                        const void* ranks, bool ranks64, int64_t H_out, int64_t T, int64_t R) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* hs = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t n = blockIdx.x;
   const RowAdapter ra = row_adapter(n, index, index64, none_stride, ranks, ranks64, T, R);
