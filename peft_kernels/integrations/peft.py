@@ -90,6 +90,25 @@ def _prefix_generate(self, *args, **kwargs):
     return self.base_model.generate(*args, **kwargs)
 
 
+def _lora_bank(layer: nn.Module, names: list[str], dtype, device):
+    """(lora_a, lora_b, ranks, scaling) of a PEFT LoRA layer's adapters ``names``, stacked.
+
+    Semantics: rebuilt (differentiably) whenever autograd may need it; otherwise cached on the
+    layer until any of its adapter weights changes (their version counters) or ``names`` does.
+    """
+    weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+    grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in weights)
+    key = (tuple(names), dtype, device, tuple((a._version, a.data_ptr(), b._version, b.data_ptr()) for a, b in weights))
+    cached = layer.__dict__.get("_peft_kernels_bank")
+    if not grad and cached is not None and cached[0] == key:
+        return cached[1]
+    bank = (*stack_lora([a for a, _ in weights], [b for _, b in weights], dtype),
+            torch.tensor([float(layer.scaling[n]) for n in names], device=device))
+    if not grad:
+        layer.__dict__["_peft_kernels_bank"] = (key, bank)
+    return bank
+
+
 def _lora_forward(self, x, *args, **kwargs):
     """PEFT LoRA ``Linear.forward`` as one ``multi_lora`` call (single, stacked or mixed batch).
 
@@ -108,8 +127,7 @@ def _lora_forward(self, x, *args, **kwargs):
         self._check_forward_args(x, adapter_names=adapter_names)
     result = self.base_layer(x)
     dtype = self.lora_A[names[0]].weight.dtype
-    lora_a, lora_b, ranks = stack_lora([self.lora_A[n].weight for n in names], [self.lora_B[n].weight for n in names], dtype)
-    scaling = torch.tensor([float(self.scaling[n]) for n in names], device=x.device)
+    lora_a, lora_b, ranks, scaling = _lora_bank(self, names, dtype, x.device)
     xa = self._cast_input_dtype(x, dtype)
     if adapter_names is not None:
         index = torch.tensor([names.index(n) if n in names else -1 for n in adapter_names], device=x.device)
@@ -175,6 +193,7 @@ def unpatch(peft_model: nn.Module) -> nn.Module:
     if getattr(peft_model, "_peft_kernels_patched", None) == "LORA":
         for layer in _lora_layers(peft_model):
             layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("_peft_kernels_bank", None)
     if "_peft_kernels_attachment" in peft_model.__dict__:
         peft_model._peft_kernels_attachment.detach()
     for name in ("forward", "generate", "_peft_kernels_patched", "_peft_kernels_prefix", "_peft_kernels_attachment"):

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..ops import multi_lora
+from ..ops.multi_lora import multi_lora_rows
 
 
 class AdapterRouting:
@@ -149,29 +149,28 @@ class LoraLinear(nn.Module):
         self.merged = None
 
     def _row_dropout(self, x: Tensor, index: Tensor) -> Tensor:
-        p = torch.tensor(self.dropout, device=x.device)[index.long().clamp(min=0)]  # [B] per-row rate
-        p = p.view(-1, *([1] * (x.dim() - 1)))
+        """Dropout on x [N, in] at each row's own adapter's rate (index [N])."""
+        p = torch.tensor(self.dropout, device=x.device)[index.long().clamp(min=0)][:, None]
         keep = torch.rand_like(x) >= p
         return x * keep / (1 - p)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         index = self.routing.index
-        if index is None or self.lora_A.shape[0] == 0:
+        lora_a = self.lora_A
+        if index is None or lora_a.shape[0] == 0:
             return y
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is merged into this layer; unmerge before routing rows")
-        dtype = self.lora_A.dtype
-        xa = x.to(dtype)
+        dtype = lora_a.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        y2 = y.reshape(-1, y.shape[-1]).to(dtype)
+        if x2.shape[0] != index.shape[0]:  # one adapter per sequence of x [B, L, in]
+            index = self.routing.token_index(x.shape[-2])
         if self.training and any(self.dropout):
-            xa = self._row_dropout(xa, index)
-        if x.dim() == 3 and index.shape[0] == x.shape[0]:  # one adapter per sequence
-            xa, y2 = xa.reshape(-1, xa.shape[-1]), y.reshape(-1, y.shape[-1]).to(dtype)
-            index = self.routing.token_index(x.shape[1])
-        else:
-            y2 = y.to(dtype)
-        out = multi_lora(xa, self.lora_A, self.lora_B, index, self.scaling, ranks=self.ranks, base=y2, validate=False)
-        return out.reshape(y.shape).to(y.dtype)
+            x2 = self._row_dropout(x2, index)
+        out = multi_lora_rows(x2, lora_a, self.lora_B, index, self.scaling, self.ranks, y2)
+        return out.view(y.shape).to(y.dtype)
 
 
 def find_targets(model: nn.Module, target_modules: Union[str, Iterable[str]]) -> list[str]:

@@ -1,8 +1,9 @@
 """Input validation shared by the ops: every message names the argument and the shapes.
 
-Shape, dtype and device checks never touch tensor data and always run. Range checks read
-index tensors on the host (a GPU sync that breaks CUDA-graph capture), so they run only when
-``validate=True`` and the call is neither being compiled nor captured.
+The ops run these checks only with ``validate=True`` (the default); model code checks its
+batch once and calls the ops with ``validate=False`` in every layer. Range checks read index
+tensors on the host (a GPU sync that breaks CUDA-graph capture), so even with
+``validate=True`` they are skipped while the call is being compiled or captured.
 """
 from __future__ import annotations
 

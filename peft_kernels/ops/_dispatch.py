@@ -132,11 +132,32 @@ def last_backend(op: str) -> Optional[str]:
     return _LAST.get(op)
 
 
+def _usable(device_type: str) -> dict[str, tuple[bool, str]]:
+    key = (device_type, _interpreting(), id(_ext.CPU), id(_ext.CUDA))
+    cached = _STATUS_CACHE.get(key)
+    if cached is None:
+        cached = _STATUS_CACHE[key] = status(device_type)
+    return cached
+
+
+_STATUS_CACHE: dict = {}
+
+
+def call(op: str, registered: Callable, args: tuple, device: torch.device, differentiable: tuple):
+    """Run a forward op: straight on the selected kernel when nothing needs autograd (eager
+    inference: no custom-op dispatch cost), else through the registered op (autograd, compile)."""
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    ):
+        return registered(*args)
+    return select(op, device, *args)[1](*args)
+
+
 def select(op: str, device: torch.device, *args) -> tuple[str, Callable]:
     """The backend name and kernel that will run ``op`` on ``args`` (tensors on ``device``)."""
     impls = _KERNELS[op]
     device_type = device.type if device.type in _PREFERENCE else "cpu"
-    usable = status(device_type)
+    usable = _usable(device_type)
     order = _PREFERENCE[device_type]
     forced = forced_backend()
     if forced is not None:

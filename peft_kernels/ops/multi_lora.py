@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as C
-from ._dispatch import register, register_native, select
+from ._dispatch import call, register, register_native, select
 
 
 @torch.library.custom_op("peft_kernels::multi_lora", mutates_args=())
@@ -85,8 +85,38 @@ def multi_lora(
     Semantics: row n uses adapter t = adapter_index[n] with its first ranks[t] rank slots
     (zero-padding beyond is never read by the kernels); -1 rows get base (or 0); the rank-space
     intermediate is fp32. Backward gives dx, dlora_a, dlora_b (each adapter's over its own
-    rows) and dbase; scaling and the indices are constants.
+    rows) and dbase; scaling and the indices are constants. ``validate=False`` trusts the
+    caller completely (no checks at all: what model code does per layer after checking once).
     """
+    if validate:
+        _check(x, lora_a, lora_b, adapter_index, scaling, ranks, base)
+    H_in, H_out = lora_a.shape[2], lora_b.shape[1]
+    lead = x.shape[:-1]
+    N = lead.numel()
+    if adapter_index is not None and x.dim() == 3 and adapter_index.shape[0] == x.shape[0] != N:
+        adapter_index = adapter_index[:, None].expand(x.shape[0], x.shape[1]).reshape(N)
+    if validate:
+        C.bank_index("adapter_index", adapter_index, N, lora_a.shape[0], f"lora_a {C.shape_of(lora_a)}", validate)
+    base2 = None if base is None else base.reshape(N, H_out)
+    if scaling.dtype != torch.float32:
+        scaling = scaling.float()
+    y = multi_lora_rows(x.reshape(N, H_in), lora_a, lora_b, adapter_index, scaling, ranks, base2)
+    return y.reshape(*lead, H_out)
+
+
+def multi_lora_rows(x: Tensor, lora_a: Tensor, lora_b: Tensor, adapter_index: Optional[Tensor], scaling: Tensor,
+                    ranks: Optional[Tensor], base: Optional[Tensor]) -> Tensor:
+    """:func:`multi_lora` on rows the caller has already checked: no validation, no reshaping.
+
+    Shapes: x [N, H_in], adapter_index [N] or None, scaling [T] float32, base [N, H_out] or None.
+    Semantics: the same op; the per-layer entry point of the LoRA method layer.
+    """
+    args = (x, lora_a, lora_b, adapter_index, scaling, ranks, base)
+    return call("multi_lora", _lora_op, args, x.device, (x, lora_a, lora_b, base))
+
+
+def _check(x, lora_a, lora_b, adapter_index, scaling, ranks, base) -> None:
+    """Shapes, dtypes, devices and (on the host) ranks; the index is checked after expansion."""
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor [..., H_in] with at least 2 dims, got {C.shape_of(x) if isinstance(x, Tensor) else type(x).__name__}")
     C.tensor("x", x, x.dim(), layout="[..., H_in]")
@@ -103,17 +133,7 @@ def multi_lora(
     C.dim_equal("scaling.shape[0]", scaling.shape[0], T, f"one scale per adapter (lora_a {C.shape_of(lora_a)})")
     C.same_device("x", x, lora_a=lora_a, lora_b=lora_b, adapter_index=adapter_index, scaling=scaling,
                   ranks=ranks, base=base)
-
-    lead = x.shape[:-1]
-    N = x.shape[:-1].numel()
-    if adapter_index is not None and x.dim() == 3 and adapter_index.dim() == 1 and adapter_index.shape[0] == x.shape[0] != N:
-        adapter_index = adapter_index[:, None].expand(x.shape[0], x.shape[1]).reshape(N)
-    C.bank_index("adapter_index", adapter_index, N, T, f"lora_a {C.shape_of(lora_a)}", validate)
-    C.lengths("ranks", ranks, T, R, f"the padded rank R = {R}", validate)
-    if base is not None and tuple(base.shape) != (*lead, H_out):
-        raise ValueError(f"base must be {[*lead, H_out]} (x {C.shape_of(x)}, lora_b {C.shape_of(lora_b)}), "
+    C.lengths("ranks", ranks, T, R, f"the padded rank R = {R}", True)
+    if base is not None and tuple(base.shape) != (*x.shape[:-1], H_out):
+        raise ValueError(f"base must be {[*x.shape[:-1], H_out]} (x {C.shape_of(x)}, lora_b {C.shape_of(lora_b)}), "
                          f"got {C.shape_of(base)}")
-    x2 = x.reshape(N, H_in)
-    base2 = None if base is None else base.reshape(N, H_out)
-    y = _lora_op(x2, lora_a, lora_b, adapter_index, scaling.float(), ranks, base2)
-    return y.reshape(*lead, H_out)

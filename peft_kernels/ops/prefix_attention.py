@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as C
-from ._dispatch import register, select
+from ._dispatch import call, register, select
 
 
 @torch.library.custom_op("peft_kernels::prefix_attention", mutates_args=())
@@ -103,8 +103,18 @@ def prefix_attention(
     j <= i + Lk - Lq), i.e. bottom-right aligned causal (decode with Lq = 1 sees every key).
     Scale defaults to D**-0.5; softmax in fp32; a query with no visible key gets 0 (lse -inf).
     Backward gives dq, dk, dv, dprefix_k, dprefix_v (prefix grads summed over every row and
-    query head that used the prefix); lse is not differentiable.
+    query head that used the prefix); lse is not differentiable. ``validate=False`` trusts the
+    caller completely (no checks: what model code does per layer after checking once).
     """
+    if validate:
+        _check(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask)
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    args = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale)
+    out, lse = call("prefix_attention", _attn_op, args, q.device, (q, k, v, prefix_k, prefix_v))
+    return (out, lse) if return_lse else out
+
+
+def _check(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask) -> None:
     C.tensor("q", q, 4, layout="[B, Hq, Lq, D]")
     C.tensor("k", k, 4, layout="[B, Hkv, Lk, D]")
     C.tensor("v", v, 4, layout="[B, Hkv, Lk, D]")
@@ -124,12 +134,9 @@ def prefix_attention(
     C.same_device("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, prefix_index=prefix_index,
                   prefix_lens=prefix_lens, key_padding_mask=key_padding_mask)
     T, P = prefix_k.shape[0], prefix_k.shape[2]
-    C.bank_index("prefix_index", prefix_index, B, T, f"prefix_k {C.shape_of(prefix_k)}", validate)
-    C.lengths("prefix_lens", prefix_lens, T, P, f"prefix length P = {P}", validate)
+    C.bank_index("prefix_index", prefix_index, B, T, f"prefix_k {C.shape_of(prefix_k)}", True)
+    C.lengths("prefix_lens", prefix_lens, T, P, f"prefix length P = {P}", True)
     if key_padding_mask is not None:
         C.tensor("key_padding_mask", key_padding_mask, 2, (torch.bool,), f"[B={B}, Lk={Lk}]")
         if tuple(key_padding_mask.shape) != (B, Lk):
             raise ValueError(f"key_padding_mask must be [B={B}, Lk={Lk}], got {C.shape_of(key_padding_mask)}")
-    scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
-    out, lse = _attn_op(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale)
-    return (out, lse) if return_lse else out

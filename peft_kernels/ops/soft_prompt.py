@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as C
-from ._dispatch import register, register_native, select
+from ._dispatch import call, register, register_native, select
 
 # --------------------------------------------------------------------------- registered ops
 
@@ -136,11 +136,11 @@ register_native("soft_prompt_embed", "soft_prompt_embed_fwd")
 # --------------------------------------------------------------------------- validation
 
 
-def _check_bank(prompts, rows, prompt_index, prompt_lens, insert_at, seq_len, validate, replace=False):
+def _check_bank(prompts, rows, prompt_index, prompt_lens, insert_at, seq_len, replace=False):
     C.tensor("prompts", prompts, 3, layout="[T, P, H]")
     T, P, _ = prompts.shape
-    C.bank_index("prompt_index", prompt_index, rows, T, f"prompts {C.shape_of(prompts)}", validate)
-    C.lengths("prompt_lens", prompt_lens, T, P, f"prompt length P = {P}", validate)
+    C.bank_index("prompt_index", prompt_index, rows, T, f"prompts {C.shape_of(prompts)}", True)
+    C.lengths("prompt_lens", prompt_lens, T, P, f"prompt length P = {P}", True)
     limit = seq_len - P if replace else seq_len
     if not isinstance(insert_at, int) or not 0 <= insert_at <= limit:
         room = f"insert_at + P <= L = {seq_len} with replace=True" if replace else f"0 <= insert_at <= L = {seq_len}"
@@ -173,26 +173,29 @@ def soft_prompt_embed(
     Semantics: out[b, :insert_at] = weight[input_ids[b, :insert_at]]; out[b, insert_at + p] =
     prompts[t, p] for t = the row's prompt and p < prompt_lens[t], else 0 (also for t = -1);
     out[b, insert_at + P:] = weight[input_ids[b, insert_at:]]. ``validate=True`` also checks
-    token ids and index ranges on the host (a GPU sync; the method layer passes False).
+    token ids and index ranges on the host (a GPU sync); ``validate=False`` trusts the caller
+    completely (no checks: what model code does per layer after checking once).
     Backward gives dprompts (summed over the rows using each prompt) and dweight (only when
     weight requires grad).
     """
-    C.tensor("input_ids", input_ids, 2, C.INDEX_DTYPES, "[B, L]")
-    C.tensor("weight", weight, 2, layout="[V, H]")
-    _check_bank(prompts, input_ids.shape[0], prompt_index, prompt_lens, insert_at, input_ids.shape[1], validate)
-    C.dim_equal("prompts.shape[2] (H)", prompts.shape[2], weight.shape[1],
-                f"prompts {C.shape_of(prompts)} vs weight {C.shape_of(weight)}")
-    C.same_dtype("weight", weight, prompts=prompts)
-    _check_devices("weight", weight, prompts, prompt_index, prompt_lens)
-    C.same_device("weight", weight, input_ids=input_ids)
-    if C.host_checks_enabled(validate) and input_ids.numel():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= weight.shape[0]:
-            raise ValueError(
-                f"input_ids holds token ids in [{lo}, {hi}] but the vocabulary has {weight.shape[0]} "
-                f"rows (weight {C.shape_of(weight)}, input_ids {C.shape_of(input_ids)})"
-            )
-    return _embed_op(input_ids, weight, prompts, prompt_index, prompt_lens, insert_at)
+    if validate:
+        C.tensor("input_ids", input_ids, 2, C.INDEX_DTYPES, "[B, L]")
+        C.tensor("weight", weight, 2, layout="[V, H]")
+        _check_bank(prompts, input_ids.shape[0], prompt_index, prompt_lens, insert_at, input_ids.shape[1])
+        C.dim_equal("prompts.shape[2] (H)", prompts.shape[2], weight.shape[1],
+                    f"prompts {C.shape_of(prompts)} vs weight {C.shape_of(weight)}")
+        C.same_dtype("weight", weight, prompts=prompts)
+        _check_devices("weight", weight, prompts, prompt_index, prompt_lens)
+        C.same_device("weight", weight, input_ids=input_ids)
+        if C.host_checks_enabled(True) and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= weight.shape[0]:
+                raise ValueError(
+                    f"input_ids holds token ids in [{lo}, {hi}] but the vocabulary has {weight.shape[0]} "
+                    f"rows (weight {C.shape_of(weight)}, input_ids {C.shape_of(input_ids)})"
+                )
+    args = (input_ids, weight, prompts, prompt_index, prompt_lens, insert_at)
+    return call("soft_prompt_embed", _embed_op, args, weight.device, (weight, prompts))
 
 
 def soft_prompt_concat(
@@ -214,13 +217,15 @@ def soft_prompt_concat(
     slots past prompt_lens); with ``replace=True`` they overwrite embeds there (deep VPT),
     else embeds[:, insert_at:] moves right by P. ``insert_at=1`` puts prompts after a CLS token.
     """
-    C.tensor("embeds", embeds, 3, layout="[B, L, H]")
-    _check_bank(prompts, embeds.shape[0], prompt_index, prompt_lens, insert_at, embeds.shape[1], validate, replace)
-    C.dim_equal("prompts.shape[2] (H)", prompts.shape[2], embeds.shape[2],
-                f"prompts {C.shape_of(prompts)} vs embeds {C.shape_of(embeds)}")
-    C.same_dtype("embeds", embeds, prompts=prompts)
-    _check_devices("embeds", embeds, prompts, prompt_index, prompt_lens)
-    return _concat_op(embeds, prompts, prompt_index, prompt_lens, insert_at, replace)
+    if validate:
+        C.tensor("embeds", embeds, 3, layout="[B, L, H]")
+        _check_bank(prompts, embeds.shape[0], prompt_index, prompt_lens, insert_at, embeds.shape[1], replace)
+        C.dim_equal("prompts.shape[2] (H)", prompts.shape[2], embeds.shape[2],
+                    f"prompts {C.shape_of(prompts)} vs embeds {C.shape_of(embeds)}")
+        C.same_dtype("embeds", embeds, prompts=prompts)
+        _check_devices("embeds", embeds, prompts, prompt_index, prompt_lens)
+    args = (embeds, prompts, prompt_index, prompt_lens, insert_at, replace)
+    return call("soft_prompt_concat", _concat_op, args, embeds.device, (embeds, prompts))
 
 
 def soft_prompt_mask(
@@ -243,12 +248,13 @@ def soft_prompt_mask(
     Semantics: prompt slot p of row b is real iff its index t != -1 and p < prompt_lens[t];
     token positions keep attention_mask.
     """
-    C.tensor("attention_mask", attention_mask, 2,
-             (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64), "[B, L]")
-    B, L = attention_mask.shape
-    if not isinstance(prompt_len, int) or prompt_len < 0:
-        raise ValueError(f"prompt_len must be a non-negative int, got {prompt_len!r}")
-    fake_bank = torch.empty(num_prompts, prompt_len, 0, device="meta")
-    _check_bank(fake_bank, B, prompt_index, prompt_lens, insert_at, L, validate, replace)
-    C.same_device("attention_mask", attention_mask, prompt_index=prompt_index, prompt_lens=prompt_lens)
+    if validate:
+        C.tensor("attention_mask", attention_mask, 2,
+                 (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64), "[B, L]")
+        B, L = attention_mask.shape
+        if not isinstance(prompt_len, int) or prompt_len < 0:
+            raise ValueError(f"prompt_len must be a non-negative int, got {prompt_len!r}")
+        fake_bank = torch.empty(num_prompts, prompt_len, 0, device="meta")
+        _check_bank(fake_bank, B, prompt_index, prompt_lens, insert_at, L, replace)
+        C.same_device("attention_mask", attention_mask, prompt_index=prompt_index, prompt_lens=prompt_lens)
     return _mask_op(attention_mask, prompt_len, num_prompts, prompt_index, prompt_lens, insert_at, replace)
