@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 
@@ -39,20 +38,10 @@ import torch.utils.benchmark as tb
 import peft_kernels
 from peft_kernels import reference
 from peft_kernels.bench.baselines.lora_loop import lora_loop
+from peft_kernels.bench.device import cpu_name
 
 RANKS = [4, 6, 8, 10, 12, 14, 16, 16]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def measure(fns: dict, rounds: int, min_run_time: float) -> dict:

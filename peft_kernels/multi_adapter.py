@@ -64,6 +64,7 @@ class MultiAdapterModel(nn.Module):
         self.prefix_state = hf.PrefixState()
         self._attachment: Optional[hf.Attachment] = None
         self.active_adapter: Optional[str] = None
+        self.merged: Optional[str] = None
 
     # ------------------------------------------------------------------ adapters
 
@@ -224,6 +225,8 @@ class MultiAdapterModel(nn.Module):
         if kind is None:
             raise ValueError(f"unknown adapter {name!r}; loaded: {list(self.configs)}")
         if kind == LORA:
+            if self.merged == name:
+                self.unmerge_adapter()
             slot = self.routing.names.index(name)
             for layer in lora_layers(self.model).values():
                 layer.remove_slot(slot)
@@ -235,6 +238,30 @@ class MultiAdapterModel(nn.Module):
         del self.configs[name]
         if self.active_adapter == name:
             self.active_adapter = None
+
+    def merge_adapter(self, name: str) -> None:
+        """Fold LoRA adapter ``name`` into the base weights (W += scaling * B @ A in each layer).
+
+        Semantics: for serving one adapter at base-model speed; while merged, every row must use
+        ``name`` (it is made active) and :meth:`unmerge_adapter` restores the base weights.
+        """
+        if self.adapters.get(name) != LORA:
+            raise ValueError(f"only LoRA adapters merge; {name!r} is {self.adapters.get(name)}")
+        if self.merged is not None:
+            raise ValueError(f"adapter {self.merged!r} is already merged; unmerge it first")
+        slot = self.routing.names.index(name)
+        for layer in lora_layers(self.model).values():
+            layer.merge(slot, name)
+        self.merged = self.active_adapter = name
+
+    def unmerge_adapter(self) -> None:
+        """Undo :meth:`merge_adapter` (a no-op when nothing is merged)."""
+        if self.merged is None:
+            return
+        slot = self.routing.names.index(self.merged)
+        for layer in lora_layers(self.model).values():
+            layer.unmerge(slot)
+        self.merged = None
 
     def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
         """The adapter's tensors under PEFT's key names (what ``save_adapter`` writes)."""
@@ -261,9 +288,13 @@ class MultiAdapterModel(nn.Module):
         if adapter_names is None:
             adapter_names = [self.active_adapter] * rows
         names = per_row(adapter_names, rows, list(self.configs))
+        if self.merged is not None and any(n != self.merged for n in names):
+            raise ValueError(f"adapter {self.merged!r} is merged into the base weights: every row must use it "
+                             "(call unmerge_adapter() to mix adapters)")
         kind = self.adapters
         lora = [self.routing.names.index(n) if n is not None and kind[n] == LORA else -1 for n in names]
-        lora_index = torch.tensor(lora, dtype=torch.int32, device=device) if max(lora, default=-1) >= 0 else None
+        use_lora = max(lora, default=-1) >= 0 and self.merged is None
+        lora_index = torch.tensor(lora, dtype=torch.int32, device=device) if use_lora else None
         prefix_rows = [n if n is not None and kind[n] == PREFIX else None for n in names]
         prompt_rows = [n if n is not None and kind[n] in (PROMPT, PTUNING) else None for n in names]
         select_prefixes(self.prefix_state, self.prefixes, prefix_rows, device)

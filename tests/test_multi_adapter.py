@@ -178,3 +178,24 @@ def test_unload_and_unknown_names():
         model(ids, adapter_names=["a", None])
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(ids, adapter_names=["b", "b"], num_beams=2)
+
+
+def test_merge_and_unmerge_one_lora_adapter():
+    model = pk.MultiAdapterModel(tiny_llama()).eval()
+    model.add_adapter("a", peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    ids, _ = batch(B=3)
+    base_weights = {n: p.clone() for n, p in model.model.named_parameters() if "base.weight" in n}
+    with torch.no_grad():
+        want = model(ids, adapter_names="a").logits
+        model.merge_adapter("a")
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="merged into the base weights"):
+            model(ids, adapter_names=["a", "b", None])
+        with pytest.raises(ValueError, match="already merged"):
+            model.merge_adapter("b")
+        model.unmerge_adapter()
+        for n, p in model.model.named_parameters():
+            if n in base_weights:
+                torch.testing.assert_close(p, base_weights[n], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(ids, adapter_names="a").logits, want, atol=1e-5, rtol=1e-5)

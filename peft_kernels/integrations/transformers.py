@@ -9,6 +9,7 @@ tokens positions P..P+L-1; checkpoints trained that way keep their meaning).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -20,6 +21,7 @@ from ..ops import prefix_attention
 
 NAME = "peft_prefix"
 STATE_ATTR = "peft_prefix_state"
+LAYER_ATTR = "peft_prefix_layer"
 
 
 @dataclass
@@ -74,7 +76,7 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     every row's prefix switched off.
     """
     state: Optional[PrefixState] = getattr(module, STATE_ATTR, None)
-    layer = state.layers.get(getattr(module, "layer_idx", 0)) if state is not None else None
+    layer = state.layers.get(getattr(module, LAYER_ATTR, 0)) if state is not None else None
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     B, Hkv, Lk, D = key.shape
     if layer is None:
@@ -153,22 +155,41 @@ def _offset_positions(state: PrefixState):
     return hook
 
 
+def _attention_modules(model: nn.Module) -> dict[nn.Module, int]:
+    """{attention module: its layer index}: modules with ``layer_idx`` (decoders, BERT), else
+    modules whose class name ends in "Attention", indexed by the layer number in their name (ViT)."""
+    found = {m: m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    if found:
+        return found
+    for name, module in model.named_modules():
+        numbers = [int(part) for part in name.split(".") if part.isdigit()]
+        if type(module).__name__.endswith("Attention") and numbers:
+            found[module] = numbers[0]
+    return found
+
+
 def attach(model: nn.Module, state: PrefixState) -> "Attachment":
     """Route ``model``'s attention through ``"peft_prefix"`` reading ``state``.
 
-    Semantics: every module with a ``layer_idx`` gets ``state``; the backbone
-    (``model.base_model``) gets a pre-hook adding ``state.position_offset`` to position ids.
-    ``detach()`` on the result restores the previous attention implementation exactly.
+    Semantics: every attention module gets ``state`` and its layer index; when the backbone
+    (``model.base_model``) takes ``position_ids``, a pre-hook adds ``state.position_offset`` to
+    them (models with learned patch positions, like ViT, keep theirs). ``detach()`` on the
+    result restores the previous attention implementation exactly.
     """
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
-    modules = [m for m in model.modules() if hasattr(m, "layer_idx")]
-    for module in modules:
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"no attention modules found in {type(model).__name__}: prefix attention cannot attach")
+    for module, layer in modules.items():
         setattr(module, STATE_ATTR, state)
+        setattr(module, LAYER_ATTR, layer)
     backbone = getattr(model, "base_model", model)
-    hook = backbone.register_forward_pre_hook(_offset_positions(state), with_kwargs=True)
-    return Attachment(model, previous, modules, hook)
+    hook = None
+    if "position_ids" in inspect.signature(backbone.forward).parameters:
+        hook = backbone.register_forward_pre_hook(_offset_positions(state), with_kwargs=True)
+    return Attachment(model, previous, list(modules), hook)
 
 
 @dataclass
@@ -179,7 +200,9 @@ class Attachment:
     hook: object
 
     def detach(self) -> None:
-        self.hook.remove()
+        if self.hook is not None:
+            self.hook.remove()
         for module in self.modules:
             module.__dict__.pop(STATE_ATTR, None)
+            module.__dict__.pop(LAYER_ATTR, None)
         self.model.set_attn_implementation(self.previous)

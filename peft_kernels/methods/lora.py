@@ -174,16 +174,17 @@ class LoraLinear(nn.Module):
 
 
 def find_targets(model: nn.Module, target_modules: Union[str, Iterable[str]]) -> list[str]:
-    """Names of the ``nn.Linear`` modules to adapt.
+    """Names of the linear modules to adapt (plain ``nn.Linear`` or already a :class:`LoraLinear`).
 
-    Semantics: ``"all-linear"`` = every nn.Linear except the output head (the module the
+    Semantics: ``"all-linear"`` = every linear layer except the output head (the module the
     model's ``get_output_embeddings`` returns); a list entry matches a module whose name equals
     it or ends with ``.`` + it (PEFT's rule); a plain string is a full-match regex.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoraLinear)}
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
+        if not isinstance(module, (nn.Linear, LoraLinear)) or module is head or id(module) in wrapped:
             continue
         if target_modules == "all-linear":
             hit = True

@@ -136,114 +136,19 @@ class PrefixTunedModel(nn.Module):
         names = per_row(prefix, rows, list(self.prefixes), "prefix")
         select_prefixes(self.state, self.prefixes, names, device)
 
-    def forward(self) -> Tensor:
-        table = self.embedding.weight
-        return table if self.transform is None else self.transform(table)
-
-    def layers(self) -> dict[int, hf.LayerPrefix]:
-        P = self.num_virtual_tokens
-        kv = self().view(P, self.num_layers * 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        return {i: hf.LayerPrefix(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(self.num_layers)}
-
-    @torch.no_grad()
-    def fold(self) -> "PrefixEncoder":
-        folded = PrefixEncoder(self.num_virtual_tokens, self.num_layers, self.num_kv_heads, self.head_dim)
-        folded.embedding.weight.copy_(self())
-        return folded
-
-
-def stack_layer_prefixes(per_prefix: Sequence[dict[int, hf.LayerPrefix]]) -> dict[int, hf.LayerPrefix]:
-    """Per-layer banks [T, Hkv, P_max, D] (+ lens [T]) from T prefixes' layers.
-
-    Semantics: shorter prefixes are zero-padded at the end and masked through ``lens``; a
-    layer some prefix lacks gets length 0 for that prefix.
-    """
-    layers = sorted({i for p in per_prefix for i in p})
-    banks = {}
-    for i in layers:
-        present = [p[i] for p in per_prefix if i in p]
-        Hkv, D = present[0].key.shape[1], present[0].key.shape[3]
-        P = max(lp.key.shape[2] for lp in present)
-        keys, values, lens = [], [], []
-        for p in per_prefix:
-            lp = p.get(i)
-            n = 0 if lp is None else lp.key.shape[2]
-            pad = (0, 0, 0, P - n)
-            keys.append(present[0].key.new_zeros(Hkv, P, D) if lp is None else nn.functional.pad(lp.key[0], pad))
-            values.append(present[0].key.new_zeros(Hkv, P, D) if lp is None else nn.functional.pad(lp.value[0], pad))
-            lens.append(n)
-        banks[i] = hf.LayerPrefix(torch.stack(keys), torch.stack(values),
-                                  torch.tensor(lens, dtype=torch.int32, device=keys[0].device))
-    return banks
-
-
-def select_prefixes(state: hf.PrefixState, prefixes: Mapping[str, PrefixEncoder], names: Sequence[Optional[str]],
-                    device) -> None:
-    """Point ``state`` at this batch's prefixes: per-layer banks, row index, position offsets.
-
-    Semantics: built once per batch (every layer then reads it); rows with None get no prefix
-    and no position offset; with no prefix in the batch every layer runs prefix-free.
-    """
-    used = used_in_order(names, list(prefixes))
-    if not used:
-        state.layers, state.index, state.position_offset = {}, None, 0
-        return
-    state.layers = {i: hf.LayerPrefix(lp.key.to(device), lp.value.to(device), lp.lens.to(device))
-                    for i, lp in stack_layer_prefixes([prefixes[n].layers() for n in used]).items()}
-    index = torch.tensor([-1 if n is None else used.index(n) for n in names], dtype=torch.int32, device=device)
-    lengths = torch.tensor([0] + [prefixes[n].num_virtual_tokens for n in used], device=device)
-    state.index = index
-    state.position_offset = lengths[index.long() + 1]
-
-
-class PrefixTunedModel(nn.Module):
-    """A transformers model with named prefixes; each row of a batch picks one (or none).
-
-    Shapes: forward(input_ids [B, L], attention_mask [B, L], ...) -> the model's output over L
-    positions (the prefix is not a token); generate -> [B, L + new].
-    Semantics: every layer attends [row's prefix ; row's tokens]; real tokens get positions
-    shifted by the row's prefix length (PEFT's convention) and counted without padding (as
-    ``generate`` counts them), so a row's logits do not depend on the rest of the batch; the
-    KV cache holds only real tokens.
-    """
-
-    def __init__(self, model: nn.Module, prefixes: Union[PrefixEncoder, Mapping[str, PrefixEncoder]]):
-        super().__init__()
-        self.model = model
-        self.prefixes = nn.ModuleDict({"default": prefixes} if isinstance(prefixes, nn.Module) else dict(prefixes))
-        self.state = hf.PrefixState()
-        self._attachment = hf.attach(model, self.state)
-
-    def _select(self, prefix: Union[None, str, Sequence[Optional[str]]], rows: int, device) -> None:
-        names = list(self.prefixes)
-        if prefix is None:
-            if len(names) != 1:
-                raise ValueError(f"several prefixes are loaded ({', '.join(names)}): say which with prefix=")
-            prefix = names[0]
-        per_row = [prefix] * rows if isinstance(prefix, str) else list(prefix)
-        if len(per_row) != rows:
-            raise ValueError(f"prefix has {len(per_row)} entries for {rows} rows")
-        unknown = sorted({p for p in per_row if p is not None and p not in self.prefixes})
-        if unknown:
-            raise ValueError(f"unknown prefix(es) {unknown}; loaded: {names}")
-        used = sorted({p for p in per_row if p is not None}, key=names.index)
-        if not used:
-            self.state.layers, self.state.index, self.state.position_offset = {}, None, 0
-            return
-        self.state.layers = {i: hf.LayerPrefix(lp.key.to(device), lp.value.to(device), lp.lens.to(device))
-                             for i, lp in stack_layer_prefixes([self.prefixes[n].layers() for n in used]).items()}
-        index = torch.tensor([-1 if p is None else used.index(p) for p in per_row], dtype=torch.int32, device=device)
-        lengths = torch.tensor([0] + [self.prefixes[n].num_virtual_tokens for n in used], device=device)
-        self.state.index = index
-        self.state.position_offset = lengths[index.long() + 1]
-
     def forward(self, input_ids=None, attention_mask=None, *, prefix=None, **kwargs):
-        rows = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
-        self._select(prefix, rows, self.model.device)
-        if attention_mask is not None and kwargs.get("position_ids") is None:
-            length = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-            kwargs["position_ids"] = compact_position_ids(attention_mask)[:, -length:]
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        """Run the model with each row's prefix; ``input_ids``/``inputs_embeds`` for text models,
+        ``pixel_values`` for vision encoders (which keep their patch positions)."""
+        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        first = tokens if tokens is not None else kwargs["pixel_values"]
+        self._select(prefix, first.shape[0], self.model.device)
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+            if tokens is not None and kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = compact_position_ids(attention_mask)[:, -tokens.shape[1]:]
+        return self.model(**kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, prefix=None, **kwargs) -> Tensor:

@@ -151,3 +151,22 @@ def test_attention_function_matches_concatenated_sdpa_bidirectional_and_causal()
         mask4 = hf._as_4d(mask, 2, 5, 5, causal, q.device)
         want = hf._sdpa_fallback(q, k, v, bank.key, bank.value, torch.tensor([1, -1]), bank.lens, mask4, 0.0, 0.3)
         torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_vit_encoder_prefix_per_task_rows_equal_rows_alone():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=64, num_labels=3)).eval()
+    plain = copy.deepcopy(vit)
+    model = PrefixTunedModel(vit, {"a": _encoder(vit, 3, False, 1), "b": _encoder(vit, 5, True, 2)}).eval()
+    pixels = torch.randn(3, 3, 16, 16)
+    names = ["b", None, "a"]
+    with torch.no_grad():
+        mixed = model(pixel_values=pixels, prefix=names).logits
+        torch.testing.assert_close(mixed[1], plain(pixel_values=pixels[1:2]).logits[0], atol=1e-5, rtol=1e-5)
+        for b in (0, 2):
+            alone = model(pixel_values=pixels[b : b + 1], prefix=names[b]).logits[0]
+            torch.testing.assert_close(mixed[b], alone, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(mixed[0], plain(pixel_values=pixels[:1]).logits[0])
