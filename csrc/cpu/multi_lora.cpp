@@ -149,6 +149,8 @@ ProcessFn<S> process_fn() {
 
 // ---------------------------------------------------------------- host side
 constexpr int64_t kBlockRows = 16;            // rows per work item of an adapter
+// An adapter with at most kBlockRows rows is one work item, which the direct (unpacked) path takes whole.
+static_assert(kBlockRows == isa_baseline::kTileRows, "work items and direct tiles must agree");
 constexpr int64_t kCopyBlockRows = 64;        // rows per copy item
 // Multiply-adds per extra thread (~5 us of one core): a decode-sized call runs on the calling thread, as
 // waking OpenMP workers costs more than it saves there (and much more on a busy machine).

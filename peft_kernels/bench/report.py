@@ -116,6 +116,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         if footnotes:
             lines.append("")
         lines += [f"- {n}" for n in notes] + [f"- `{n}`: {t}" for n, t in impl_notes.items()] + [""]
+        if suite == "e2e":
+            from .suites import e2e
+
+            lines += [e2e.summary(srows), ""]
     if meta.get("failures"):
         lines += ["## FAILURES", ""] + [f"- {f}" for f in meta["failures"]] + [""]
     return "\n".join(lines)

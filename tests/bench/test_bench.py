@@ -1,5 +1,10 @@
 """The benchmark suite on CPU: quick runs of every op write JSON + markdown + PNG, every row has ours,
-baselines and speed-ups, and every baseline matched ours on the bench's own inputs before timing.
+baselines and speed-ups, and every baseline matched ours on the bench's own inputs before timing
+(generate rows: ours matched PEFT's forward, teacher-forced, before timing).
+
+The issue-4 prefix shapes (causal L2048, bidirectional, the B64 decode sweep) and the e2e rows
+(MultiAdapterModel LoRA-only and mixed-kind batches, the prefix-tuning KV-cache row) are in the
+grids; the quick CPU run has one of each kind.
 
 Also: the harness flags a wrong baseline, the baselines follow the ops' full contract, the BGMV
 Triton kernel is right (under TRITON_INTERPRET=1, which conftest sets without CUDA), the peak
@@ -17,6 +22,8 @@ from peft_kernels.__main__ import main as pk_main
 from peft_kernels.bench import device, harness, report
 from peft_kernels.bench.baselines import lora_bgmv, lora_gather_bmm, lora_loop, prefix_sdpa, prompt_cat
 from peft_kernels.bench.costs import Cost
+from peft_kernels.bench.suites import e2e as e2e_suite
+from peft_kernels.bench.suites import prefix as prefix_suite
 from peft_kernels.bench.timing import Timer
 
 OPS = ("prefix", "lora", "prompt", "e2e")
@@ -71,7 +78,14 @@ def test_every_row_has_ours_baselines_speedups_and_agreement(runs, op):
             timed += 1
             assert e["median_ms"] > 0 and e["speedup"] == pytest.approx(e["median_ms"] / o["median_ms"]), (what, name)
             assert row["speedup"][name] == e["speedup"]
-            if name != "base_model":  # the model without adapters computes something else on purpose
+            if name == "base_model":  # the model without adapters computes something else on purpose
+                continue
+            if row["shape"].get("phase") == "generate":
+                # PEFT's generate is timed, not the reference (it loses prefix/prompt with recent
+                # transformers); ours was checked against PEFT's forward in build, or the row failed.
+                assert e["agrees"] is None, (what, name)
+                assert [n for n in row["notes"] if n.startswith(row["shape_label"]) and "logit gap" in n], what
+            else:
                 assert e["agrees"] is True and e["max_rel_err"] <= e["tol"], (what, name, e)
         assert timed >= 1, what
         if row["cost"]["bytes"]:
@@ -179,3 +193,117 @@ def test_roofline_plot_with_a_known_peak(runs, tmp_path):
     written = report.plots(str(tmp_path), meta, data["rows"])
     assert str(tmp_path / "roofline_lora.png") in written
     assert (tmp_path / "roofline_lora.png").stat().st_size > 1000
+
+
+def test_prefix_quick_rows_cover_causal_bidirectional_and_decode(runs):
+    rows = json.loads((runs["prefix"][1] / "results.json").read_text())["rows"]
+    kinds = {(r["mode"], r["shape"]["causal"], r["shape"]["Lq"] == 1) for r in rows}
+    assert {("fwd", True, False), ("fwd+bwd", True, False), ("fwd", False, False), ("fwd", True, True)} <= kinds
+    bidir = [r for r in rows if not r["shape"]["causal"]]
+    assert all("bidir" in r["shape_label"] and r["shape"]["Hq"] == r["shape"]["Hkv"] for r in bidir)
+    for r in bidir:  # both baselines ran non-causal and matched ours (flex included: eager on CPU)
+        assert r["baselines"]["cat_sdpa"]["agrees"] is True and r["baselines"]["flex"]["agrees"] is True
+
+
+def test_prefix_gpu_grids_have_the_issue_4_shapes():
+    cuda = torch.device("cuda")
+    key = lambda s: (s["mode"], s["B"], s["Lq"], s["Lk"], s["Hq"], s["Hkv"], s["D"], s["P"], s["causal"])  # noqa: E731
+    full = {key(s) for s in prefix_suite.specs(False, cuda)}
+    quick = {key(s) for s in prefix_suite.specs(True, cuda)}
+    for mode in ("fwd", "fwd+bwd"):
+        assert (mode, 8, 2048, 2048, 32, 8, 128, 64, True) in full
+        assert (mode, 32, 256, 256, 16, 16, 64, 128, False) in full
+    for Lk in (128, 512, 1024, 2048, 4096):
+        assert ("fwd", 64, 1, Lk, 32, 8, 128, 128, True) in full
+    assert len(full) == len(prefix_suite.specs(False, cuda)) <= 40  # no duplicates, a reasonable full run
+    assert ("fwd", 8, 2048, 2048, 32, 8, 128, 64, True) in quick
+    assert ("fwd", 32, 256, 256, 16, 16, 64, 128, False) in quick
+    assert any(k[2] == 1 and k[1] == 64 for k in quick) and len(quick) <= 5
+
+
+def test_e2e_quick_rows_are_the_issue_shapes(runs):
+    rows = json.loads((runs["e2e"][1] / "results.json").read_text())["rows"]
+    by = {(r["op"], r["shape"]["phase"]): r for r in rows}
+    assert set(by) == {("llama_multi_lora", "prefill"), ("llama_multi_lora", "decode"), ("llama_mixed_kinds", "prefill"),
+                       ("llama_mixed_kinds", "generate"), ("llama_prefix_generate", "generate")}
+    # issue 5: 4 layers, hidden 256, LoRA on q/k/v/o, 8 adapters of ranks 4..16, 16 rows, prefill 16x64, decode 16x1
+    pre, dec = by[("llama_multi_lora", "prefill")], by[("llama_multi_lora", "decode")]
+    assert (pre["shape"]["B"], pre["shape"]["L"], pre["shape"]["T"]) == (16, 64, 8)
+    assert (dec["shape"]["B"], dec["shape"]["L"], dec["shape"]["tokens"]) == (16, 1, 16)
+    assert min(pre["shape"]["ranks"]) == 4 and max(pre["shape"]["ranks"]) == 16
+    assert "llama 4x256" in pre["shape_label"] and pre["ours"]["backend"] != "None"
+    mixed = by[("llama_mixed_kinds", "prefill")]["shape"]["groups"]
+    assert {"prefix", "prompt", "ptuning", "None"} <= set(mixed) and len([g for g in mixed if g.startswith("lora")]) == 4
+
+
+def test_e2e_kv_cache_row(runs):
+    rows = json.loads((runs["e2e"][1] / "results.json").read_text())["rows"]
+    (row,) = [r for r in rows if r["op"] == "llama_prefix_generate"]
+    kv = row["shape"]["kv_cache"]
+    s = row["shape"]
+    assert kv["ours_bytes"] == kv["expected_ours_bytes"] > 0  # ours: B * (L + new - 1) slots, no prefix
+    assert kv["ours_slots_per_layer"] == s["B"] * (s["L"] + s["new"] - 1)
+    assert kv["peft_prefill_bytes"] == kv["expected_peft_prefill_bytes"]  # PEFT's forward puts the prefix in its cache
+    assert kv["expected_peft_bytes"] - kv["expected_ours_bytes"] == kv["expected_ours_bytes"] * s["P"] // (
+        s["L"] + s["new"] - 1)
+    # PEFT's own generate: the prefix is in its cache, or (the known PEFT bug) it was lost; labelled either way.
+    assert kv["peft_generate_error"] is None, kv["peft_generate_error"]
+    assert kv["peft_generate_bytes"] in (kv["expected_peft_bytes"], kv["expected_ours_bytes"])
+    assert kv["peft_generate_holds_prefix"] == (kv["peft_generate_bytes"] == kv["expected_peft_bytes"])
+    note = [n for n in row["notes"] if "KV cache after generate" in n][0]
+    assert ("LOST the prefix" in note) != kv["peft_generate_holds_prefix"]
+
+
+def test_e2e_derived_numbers_and_summary(runs):
+    rows = json.loads((runs["e2e"][1] / "results.json").read_text())["rows"]
+    for row in rows:
+        d = e2e_suite.derived(row)
+        assert d is not None and all(v > 0 for v in d["tokens_per_s"].values()), row["shape_label"]
+        assert d["speedup_vs_peft"] == pytest.approx(row["speedup"]["peft"])
+        assert d["ratio_vs_base"] == pytest.approx(row["speedup"]["base_model"])  # throughput ours / base
+        assert d["tokens_per_s"]["ours"] == pytest.approx(d["tokens"] / row["ours"]["median_ms"] * 1e3)
+        ms = d["ms"]
+        if ms["ours"] > ms["base_model"]:
+            assert d["overhead_ratio"] == pytest.approx((ms["peft"] - ms["base_model"]) / (ms["ours"] - ms["base_model"]))
+    md = e2e_suite.summary(rows)
+    assert md.count("\n| llama ") == len(rows) + 1  # one line per row, one KV cache line
+    assert "overhead ratio" in md and "PEFT generate holds the prefix" in md
+
+
+def test_e2e_gpu_grid():
+    cuda = torch.device("cuda")
+    for quick in (True, False):
+        specs = e2e_suite.specs(quick, cuda)
+        assert {s["T"] for s in specs if s["row"] == "lora"} == {8, 32}
+        assert {(s["row"], s["phase"]) for s in specs} == {("lora", "prefill"), ("lora", "decode"), ("mixed", "prefill"),
+                                                            ("mixed", "generate"), ("prefix_cache", "generate")}
+        assert all(s["model"] == "llama8x1024" for s in specs)
+        assert all(min(e2e_suite._ranks(s, s["T"])) == 8 and max(e2e_suite._ranks(s, s["T"])) == 64
+                   for s in specs if s["row"] == "lora")
+        assert {(s["B"], s["L"]) for s in specs if s["phase"] == "prefill"} >= {(32, 256)}
+
+
+def test_cache_stats_and_greedy_gap():
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer in range(3):
+        cache.update(torch.zeros(2, 4, 5, 8), torch.zeros(2, 4, 5, 8), layer)
+    assert e2e_suite.cache_stats(cache) == {"bytes": 3 * 2 * 2 * 4 * 5 * 8 * 4, "layers": 3, "slots_per_layer": 10,
+                                            "positions": 5}
+    logits = torch.randn(2, 6, 11)
+    seq = torch.cat([torch.zeros(2, 3, dtype=torch.long), logits[:, 2:].argmax(-1)], dim=1)  # L = 3, 4 new tokens
+    assert e2e_suite.greedy_gap(seq, 3, logits[:, :6]) == 0.0
+    seq[0, -1] = (seq[0, -1] + 1) % 11
+    assert e2e_suite.greedy_gap(seq, 3, logits[:, :6]) > 0
+
+
+def test_prefix_sdpa_baseline_bidirectional():
+    g = torch.Generator().manual_seed(3)
+    B, H, L, P, D = 3, 4, 7, 5, 8
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    pk, pv = torch.randn(2, H, P, D, generator=g), torch.randn(2, H, P, D, generator=g)
+    idx = torch.tensor([1, 0, -1])
+    want, _ = reference.prefix_attention(q, k, v, pk, pv, idx, None, None, False, None)
+    got = prefix_sdpa.prefix_cat_sdpa(q, k, v, pk, pv, idx, causal=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
