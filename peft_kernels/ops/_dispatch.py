@@ -48,6 +48,7 @@ def register(op: str, backend: str, fn: Callable, supports: Optional[Callable[..
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     _KERNELS.setdefault(op, {})[backend] = Kernel(fn, supports)
+    _SELECTED.clear()
 
 
 def register_native(op: str, native: str, supports: Optional[Callable[..., Optional[str]]] = None) -> None:
@@ -141,6 +142,9 @@ def _usable(device_type: str) -> dict[str, tuple[bool, str]]:
 
 
 _STATUS_CACHE: dict = {}
+# (op, device type, forced, interpreting, extensions) -> (backend, kernel, len(impls)): choices that
+# did not depend on the arguments (no `supports` was consulted), checked against the registry on use.
+_SELECTED: dict = {}
 
 
 def call(op: str, registered: Callable, args: tuple, device: torch.device, differentiable: tuple):
@@ -157,20 +161,30 @@ def select(op: str, device: torch.device, *args) -> tuple[str, Callable]:
     """The backend name and kernel that will run ``op`` on ``args`` (tensors on ``device``)."""
     impls = _KERNELS[op]
     device_type = device.type if device.type in _PREFERENCE else "cpu"
+    forced = forced_backend()
+    key = (op, device_type, forced, _interpreting(), id(_ext.CPU), id(_ext.CUDA))
+    hit = _SELECTED.get(key)
+    if hit is not None and impls.get(hit[0]) is hit[1] and len(impls) == hit[2]:
+        _LAST[op] = hit[0]
+        return hit[0], hit[1].fn
     usable = _usable(device_type)
     order = _PREFERENCE[device_type]
-    forced = forced_backend()
     if forced is not None:
         ok, why = usable[forced]
         if not ok:
             raise BackendUnavailableError(f"backend {forced!r} forced but unavailable for {device} tensors: {why}")
         order = (forced,) + tuple(b for b in order if b != forced)
+    consulted = False
     for name in order:
         kernel = impls.get(name)
         if kernel is None or not usable[name][0]:
             continue
-        if kernel.supports is not None and kernel.supports(*args) is not None:
-            continue
+        if kernel.supports is not None:
+            consulted = True
+            if kernel.supports(*args) is not None:
+                continue
+        if not consulted:
+            _SELECTED[key] = (name, kernel, len(impls))
         _LAST[op] = name
         return name, kernel.fn
     raise BackendUnavailableError(f"no backend can run {op} on {device}")  # reference takes anything
