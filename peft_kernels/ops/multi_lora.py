@@ -61,7 +61,17 @@ _lora_op.register_autograd(_backward, setup_context=_setup)
 
 register("multi_lora", "reference", reference.multi_lora)
 register("multi_lora_backward", "reference", reference.multi_lora_backward)
-register_native("multi_lora", "multi_lora_fwd")
+
+
+def _native_supports(x, *args) -> Optional[str]:
+    # The CUDA kernel is a BGMV-style decode kernel: one row at a time. Larger batches share each
+    # adapter's weights across rows, which Triton's segmented kernels exploit.
+    if x.device.type == "cuda" and x.shape[0] > 64:
+        return "N > 64 rows: Triton's segmented kernels reuse each adapter's weights across rows"
+    return None
+
+
+register_native("multi_lora", "multi_lora_fwd", supports=_native_supports)
 
 
 def multi_lora(

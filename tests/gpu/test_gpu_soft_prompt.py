@@ -30,7 +30,9 @@ def _ids(dtype):
 
 
 def _kernel(op, *args):
-    name, fn = select(op, torch.device(DEV), *args)
+    """The Triton kernel of ``op`` (forced: the csrc/cuda embed kernel would otherwise win)."""
+    with peft_kernels.use_backend("triton"):
+        name, fn = select(op, torch.device(DEV), *args)
     assert name == "triton", f"{op} dispatched to {name!r}, not triton"
     return fn
 
