@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 
 from ..ops import multi_lora
 from .lora import AdapterRouting
-from .selection import per_row
+from .selection import name_matches, per_row
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -79,11 +78,7 @@ def _match(model: nn.Module, spec: Union[str, Sequence[str]]) -> list[str]:
     for name, _ in model.named_modules():
         if not name:
             continue
-        if isinstance(spec, str):
-            hit = re.fullmatch(spec, name) is not None
-        else:
-            hit = any(name == s or name.endswith("." + s) for s in spec)
-        if hit:
+        if name_matches(name, spec):
             found.append(name)
     return found
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.multi_lora import multi_lora_rows
+from .selection import name_matches
 
 
 class AdapterRouting:
@@ -194,13 +195,7 @@ def find_targets(model: nn.Module, target_modules: Union[str, Iterable[str]]) ->
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, LoraLinear)) or module is head or id(module) in wrapped:
             continue
-        if target_modules == "all-linear":
-            hit = True
-        elif isinstance(target_modules, str):
-            hit = re.fullmatch(target_modules, name) is not None
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in target_modules)
-        if hit:
+        if target_modules == "all-linear" or name_matches(name, target_modules):
             found.append(name)
     return found
 

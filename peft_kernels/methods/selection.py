@@ -1,6 +1,7 @@
 """Which adapter each row of a batch uses: one normalisation shared by every method."""
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence, Union
 
 Selection = Union[None, str, Sequence[Optional[str]]]
@@ -30,3 +31,11 @@ def used_in_order(names: Sequence[Optional[str]], known: Sequence[str]) -> list[
     """The distinct names of a batch, in load order (the order of the bank entries)."""
     present = {n for n in names if n is not None}
     return [n for n in known if n in present]
+
+
+def name_matches(name: str, spec: Union[str, Sequence[str]]) -> bool:
+    """Does module ``name`` match ``spec``: a full-match regex (str), or a list of names that match
+    when equal or a ``.``-suffix (PEFT's ``target_modules`` rule)."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
