@@ -9,8 +9,6 @@ adapters, each on its own rows only, so each must learn its own answer.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 from tqdm import tqdm
 

@@ -1,5 +1,4 @@
 """MultiAdapterModel: one batch, adapters of every kind, each row equal to its own PEFT model."""
-import copy
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ import copy
 import pytest
 import torch
 
-import peft_kernels as pk
 from models import batch, greedy_by_forward, tiny_llama
 from peft_kernels.integrations import transformers as hf
 from peft_kernels.methods.prefix_tuning import PrefixEncoder, PrefixTunedModel

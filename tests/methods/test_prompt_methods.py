@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import peft_kernels as pk
 from models import batch, greedy_by_forward, tiny_llama
 from peft_kernels.integrations.peft_io import AdapterFormatError, read_prompt_adapter, write_adapter_dir
 from peft_kernels.methods.prompt_model import PromptTunedModel

@@ -426,7 +426,7 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
         notes.append(f"generate: {new} new tokens (greedy) after the L-token prompt; ours checked against PEFT's "
                      f"forward teacher-forced on ours' tokens (greedy within tolerance)")
         notes.append(f"{label(s)}: ours vs PEFT-forward greedy, max relative logit gap {worst:.2g} (tol {tol:g}); "
-                     + (f"PEFT route generate tokens equal to ours: " + ", ".join(f"{n} {m}" for n, m in match.items())
+                     + ("PEFT route generate tokens equal to ours: " + ", ".join(f"{n} {m}" for n, m in match.items())
                         if peft_err is None else f"PEFT route generate failed: {peft_err}"))
         ours = Impl("ours", ours_fn, no_grad=True, backend=_backend(s), note="MultiAdapterModel.generate")
         peft_impl = Impl("peft", peft_fn, no_grad=True, check=False,
