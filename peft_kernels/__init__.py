@@ -1,7 +1,8 @@
 """peft_kernels: fused kernels for parameter-efficient fine-tuning.
 
 Ops (each a ``torch.ops.peft_kernels`` custom op with autograd, fake/meta and a backend
-dispatcher): :func:`prefix_attention`, :func:`multi_lora`, :func:`soft_prompt_embed`,
+dispatcher): :func:`prefix_attention`, :func:`multi_lora` (and its halves :func:`lora_shrink`,
+:func:`lora_expand`), :func:`soft_prompt_embed`,
 :func:`soft_prompt_concat`, :func:`soft_prompt_mask`. See ``reference`` for the exact
 semantics, ``info()`` for what is available on this machine.
 
@@ -11,7 +12,7 @@ method of :mod:`methods` behind one call).
 """
 from . import reference
 from ._info import info
-from .ops import multi_lora, prefix_attention, soft_prompt_concat, soft_prompt_embed, soft_prompt_mask
+from .ops import lora_expand, lora_shrink, multi_lora, prefix_attention, soft_prompt_concat, soft_prompt_embed, soft_prompt_mask
 from .ops._dispatch import BACKENDS, BackendUnavailableError, last_backend, use_backend
 from . import triton as _triton_kernels  # registers the Triton backend's kernels
 from .integrations.peft import patch, unpatch
@@ -28,6 +29,8 @@ __all__ = [
     "MultiAdapterModel",
     "info",
     "last_backend",
+    "lora_expand",
+    "lora_shrink",
     "multi_lora",
     "patch",
     "prefix_attention",

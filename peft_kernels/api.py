@@ -8,7 +8,8 @@
 
 - ``LoraConfig``, ``PrefixTuningConfig``, ``PTuningV2Config``, ``PromptTuningConfig``,
   ``PTuningConfig``: a :class:`~peft_kernels.MultiAdapterModel` holding adapter ``name``; run it as
-  ``runner(input_ids, ...)`` (adapter ``name`` is made active; pass ``adapter_names`` per row to mix);
+  ``runner(input_ids, ...)`` (the first adapter applied is made active and stays so; pass
+  ``adapter_names`` per row to mix, or ``runner.set_adapter(name)``);
 - ``VPTConfig``: a :class:`~peft_kernels.methods.vpt.VisualPromptTuning`;
   ``runner(pixel_values, task_index=...)``;
 - ``BottleneckConfig``: a :class:`~peft_kernels.methods.bottleneck.BottleneckAdapterModel`;
@@ -23,12 +24,14 @@ trained tensors of any runner; :func:`method_table` measures each method on fixe
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from .adapters import (BottleneckConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig,
+                       PTuningV2Config)
 from .methods import freeze as _freeze
 from .methods.bottleneck import BottleneckAdapterModel
 from .methods.freeze import trainable_parameters, trainable_summary
@@ -44,93 +47,8 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------- configs
-
-@dataclass
-class LoraConfig:
-    """LoRA (Hu et al. 2021): ``W x + (alpha / r) B A x`` on the target ``nn.Linear`` layers, via ``multi_lora``.
-
-    ``target_modules``: ``"all-linear"`` (every linear layer but the output head), a list of module
-    names / suffixes (``["q_proj", "v_proj"]``) or a full-match regex. ``init_lora_weights=True``
-    zero-initialises B (the adapter starts as a no-op); ``use_rslora`` scales by alpha / sqrt(r).
-    """
-
-    r: int = 8
-    lora_alpha: float = 8.0
-    target_modules: Union[str, list] = "all-linear"
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    init_lora_weights: bool = True
-
-    def to_peft_dict(self) -> dict:
-        d = asdict(self)
-        if not isinstance(d["target_modules"], str):
-            d["target_modules"] = list(d["target_modules"])
-        return {"peft_type": "LORA", **d}
-
-
-@dataclass
-class PrefixTuningConfig:
-    """Prefix tuning (Li & Liang 2021): trained per-layer key/value prefixes, via ``prefix_attention``.
-
-    ``num_virtual_tokens`` prefix slots per layer, reparameterised by an MLP (embedding ->
-    Linear(encoder_hidden_size) -> tanh -> Linear) for stable training; the MLP can be folded away
-    for inference. ``encoder_hidden_size=None`` uses the per-layer K/V width.
-    """
-
-    num_virtual_tokens: int = 20
-    encoder_hidden_size: Optional[int] = None
-
-    def to_peft_dict(self) -> dict:
-        return {"peft_type": "PREFIX_TUNING", "prefix_projection": True, **asdict(self)}
-
-
-@dataclass
-class PTuningV2Config:
-    """P-tuning v2 (Liu et al. 2022): prefix tuning without the reparameterisation MLP.
-
-    The per-layer key/value prefixes (``num_virtual_tokens`` slots) are trained directly, via
-    ``prefix_attention``.
-    """
-
-    num_virtual_tokens: int = 20
-
-    def to_peft_dict(self) -> dict:
-        return {"peft_type": "PREFIX_TUNING", "prefix_projection": False, **asdict(self)}
-
-
-@dataclass
-class PromptTuningConfig:
-    """Prompt tuning (Lester et al. 2021): ``num_virtual_tokens`` trained input embeddings before the text.
-
-    Runs on ``soft_prompt_embed`` (embedding lookup and prompt insertion in one write).
-    ``prompt_tuning_init``: ``"RANDOM"`` (N(0, 1)) or ``"SAMPLE_VOCAB"`` (copies of random vocabulary rows).
-    """
-
-    num_virtual_tokens: int = 20
-    prompt_tuning_init: str = "RANDOM"
-
-    def to_peft_dict(self) -> dict:
-        return {"peft_type": "PROMPT_TUNING", **asdict(self)}
-
-
-@dataclass
-class PTuningConfig:
-    """P-tuning v1 (Liu et al. 2021): virtual-token embeddings produced by an MLP or LSTM encoder.
-
-    ``encoder_reparameterization_type`` ``"MLP"`` or ``"LSTM"``; ``encoder_hidden_size=None`` uses
-    the model's hidden size. Runs on ``soft_prompt_embed``; the encoder folds into a plain prompt
-    for inference.
-    """
-
-    num_virtual_tokens: int = 20
-    encoder_reparameterization_type: str = "MLP"
-    encoder_hidden_size: Optional[int] = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
-
-    def to_peft_dict(self) -> dict:
-        return {"peft_type": "P_TUNING", **asdict(self)}
-
+# LoRA, prefix tuning, P-tuning v2, prompt tuning, P-tuning and bottleneck configs live with their
+# adapter kinds (peft_kernels.adapters); the ones below are methods that need no adapter bank.
 
 @dataclass
 class VPTConfig:
@@ -145,28 +63,6 @@ class VPTConfig:
     deep: bool = False
     num_tasks: int = 1
     dropout: float = 0.0
-
-
-@dataclass
-class BottleneckConfig:
-    """Bottleneck adapters: ``x + scaling * (W_up act(W_down x + b_down) + b_up)`` on sub-layer outputs.
-
-    ``placement="houlsby"``: after attention and after the feed-forward block of every layer
-    (Houlsby et al. 2019); ``"pfeiffer"``: after the feed-forward block only (Pfeiffer et al.
-    2021). Bottleneck size ``r`` (default ``hidden // reduction_factor``); ``W_up`` starts at 0.
-    ``attn_modules`` / ``ffn_modules`` name the hooked modules for architectures other than
-    Llama-style, GPT-2 and BERT-style ones. ``train_head`` also trains a ``classifier`` / ``score``
-    task head. Both projections run on ``multi_lora``, so rows may mix adapters.
-    """
-
-    r: Optional[int] = None
-    reduction_factor: int = 16
-    placement: str = "houlsby"
-    non_linearity: str = "relu"
-    scaling: float = 1.0
-    attn_modules: Union[None, str, list] = None
-    ffn_modules: Union[None, str, list] = None
-    train_head: bool = False
 
 
 @dataclass
@@ -225,10 +121,10 @@ def apply(model: nn.Module, config, name: str = "default", *, verbose: bool = Fa
             runner = model
         else:
             _plain(model, config)
-            _freeze.freeze(model)
-            runner = MultiAdapterModel(model)
-        runner.add_adapter(name, config.to_peft_dict())
-        runner.set_adapter(name)
+            runner = MultiAdapterModel(model)  # freezes the base model
+        runner.add_adapter(name, config)
+        if runner.active_adapter is None:
+            runner.set_adapter(name)
     elif isinstance(config, VPTConfig):
         _plain(model, config)
         runner = VisualPromptTuning(model, config.num_prompts, config.deep, num_tasks=config.num_tasks,

@@ -1,11 +1,13 @@
 """``python -m peft_kernels demo``: the ops, a mixed-adapter batch, and mixed-adapter training.
 
-1. Every op on a small batch next to today's baseline: backend, largest difference, both
-   timings (medians, same process) and, for prefix attention, the K/V bytes the baseline copies.
+1. Every op on a small batch next to today's way of doing it (cat + SDPA, a per-adapter loop,
+   embedding + cat): backend, largest difference, both timings (medians, same process) and, for
+   prefix attention, the K/V bytes the baseline copies.
 2. A small random Llama with five PEFT adapters of four kinds (two LoRA, prefix tuning, prompt
    tuning, P-tuning) saved by ``peft`` and loaded into one ``MultiAdapterModel``: one mixed batch,
    each row's logits against that row under its own PEFT model, and tokens/s against PEFT's
-   route (one PEFT model per group of rows: PEFT cannot mix adapter kinds in a batch).
+   route (one PEFT model per group of rows: PEFT cannot mix adapter kinds in a batch), and the
+   KV-cache bytes of the prefix rows, measured from both caches.
 3. Four adapters of four kinds trained together for a few steps (progress bar, losses).
 """
 from __future__ import annotations
@@ -17,9 +19,8 @@ from typing import Callable, Optional
 import torch
 
 from . import multi_lora, prefix_attention, soft_prompt_embed
-from .bench.baselines.lora_loop import lora_loop as _baseline_lora_loop
-from .bench.baselines.prefix_sdpa import prefix_cat_sdpa as _baseline_prefix_attention
-from .bench.baselines.prompt_cat import prompt_embed_cat as _baseline_prompt
+from .attention import cat_sdpa, sequence_mask
+from .cache_utils import cache_of, cache_stats
 from .ops._dispatch import last_backend
 
 MIXED_ROWS = ["lora_qv", "lora_all", "prefix", "prompt", "ptuning", None] * 2
@@ -37,6 +38,16 @@ def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 15
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _lora_loop(x, lora_a, lora_b, index, scaling, ranks, base):
+    """Today's mixed-adapter LoRA: one masked pass per adapter in the batch (PEFT's adapter_names loop)."""
+    out = base.clone()
+    for t in index.unique().tolist():
+        if t >= 0:
+            r, rows = int(ranks[t]), index == t
+            out[rows] += (x[rows] @ lora_a[t, :r].T) @ lora_b[t, :, :r].T * float(scaling[t])
+    return out
 
 
 def _row(name: str, backend: str, diff: float, ours: float, base: float, note: str = "") -> str:
@@ -60,7 +71,8 @@ def run_demo(device: Optional[str] = None, seed: int = 0) -> int:
     pk, pv = rnd(T, Hkv, P, D), rnd(T, Hkv, P, D)
     index = torch.tensor([0, 2, -1, 1], device=dev)
     ours = lambda: prefix_attention(q, k, v, pk, pv, prefix_index=index, validate=False)  # noqa: E731
-    base = lambda: _baseline_prefix_attention(q, k, v, pk, pv, index)  # noqa: E731
+    seq_mask = sequence_mask(None, B, L, L, True, dev)
+    base = lambda: cat_sdpa(q, k, v, pk, pv, index, None, seq_mask)  # noqa: E731
     diff = (ours().float() - base().float()).abs().max().item()
     copied = 2 * B * Hkv * P * D * q.element_size()
     bank = 2 * T * Hkv * P * D * q.element_size()
@@ -79,7 +91,7 @@ def run_demo(device: Optional[str] = None, seed: int = 0) -> int:
     x, y_base = rnd(N, H), rnd(N, H)
     aidx = torch.randint(-1, 4, (N,), generator=g).to(dev)
     ours = lambda: multi_lora(x, lora_a, lora_b, aidx, scaling, ranks=ranks, base=y_base, validate=False)  # noqa: E731
-    base = lambda: _baseline_lora_loop(x, lora_a, lora_b, aidx, scaling, ranks, y_base)  # noqa: E731
+    base = lambda: _lora_loop(x, lora_a, lora_b, aidx, scaling, ranks, y_base)  # noqa: E731
     diff = (ours().float() - base().float()).abs().max().item()
     print(_row("multi_lora", last_backend("multi_lora"), diff, _median_ms(ours, dev), _median_ms(base, dev),
                "4 adapters, mixed ranks, one batch"))
@@ -90,7 +102,7 @@ def run_demo(device: Optional[str] = None, seed: int = 0) -> int:
     weight, prompts = rnd(1000, H), rnd(2, 20, H)
     pidx = torch.tensor([0, 1] * 4, device=dev)
     ours = lambda: soft_prompt_embed(ids, weight, prompts, prompt_index=pidx, validate=False)  # noqa: E731
-    base = lambda: _baseline_prompt(ids, weight, prompts, pidx)  # noqa: E731
+    base = lambda: torch.cat([prompts[pidx], torch.nn.functional.embedding(ids, weight)], dim=1)  # noqa: E731
     diff = (ours().float() - base().float()).abs().max().item()
     print(_row("soft_prompt_embed", last_backend("soft_prompt_embed"), diff, _median_ms(ours, dev),
                _median_ms(base, dev), "one write per output row"))
@@ -195,11 +207,13 @@ def _mixed_batch_section(dev, seed: int) -> int:
     for label, toks, ours_ms, peft_ms in (("prefill tokens/s", B * L, prefill_ours, prefill_peft),
                                           (f"generate tokens/s ({new} new)", B * new, decode_ours, decode_peft)):
         print(f"{label:<26} {toks / ours_ms * 1e3:>12,.0f} {toks / peft_ms * 1e3:>12,.0f} {peft_ms / ours_ms:>8.2f}x")
-    cfg = base.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    saved = len(groups["prefix"]) * 16 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
-    print(f"KV cache: the prefix rows' 16 prefix slots stay out of the cache: {saved:,} bytes that PEFT's route "
-          f"copies per batch ({len(groups['prefix'])} rows x 16 slots x {cfg.num_hidden_layers} layers x K,V)")
+    prefix_rows = groups["prefix"]
+    with torch.no_grad():
+        ours_kv = cache_stats(cache_of(model(ids[prefix_rows], adapter_names="prefix", use_cache=True)))
+        peft_kv = cache_stats(cache_of(refs["prefix"][1](input_ids=ids[prefix_rows], use_cache=True)))
+    print(f"KV cache after the prefill of the {len(prefix_rows)} prefix rows (measured): ours "
+          f"{ours_kv['bytes']:,} bytes ({ours_kv['positions']} positions), PEFT {peft_kv['bytes']:,} bytes "
+          f"({peft_kv['positions']} positions: its prefix sits in the cache, one copy per row)")
     print("(PEFT's route is timed with PEFT's own generate; with some transformers versions its prefix and prompt")
     print(" outputs are wrong - see the README - but it still does the work that is timed.)")
     return failures

@@ -1,4 +1,4 @@
-"""Per-row Python loops written straight from DESIGN.md: the oracle the reference is checked against.
+"""Per-row Python loops written straight from the op contracts: the oracle the reference is checked against.
 
 Deliberately slow and obvious: one row, one head, one query at a time, in float64.
 """

@@ -28,12 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="element type (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="default: cuda when available; CPU runs pick CPU-sized shapes")
-    p.add_argument("--out", default=None, help="output directory (default: bench/results/<device-slug>/)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: a new bench/results/<device-slug>/<date>-<time>/); an existing "
+                        "results.json there is never overwritten unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing the results.json in --out")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for ops and timer (default: torch's current setting); 1 is steadier "
                         "on a machine shared with other jobs")
-    p.add_argument("--cpu-min-time", type=float, default=None,
-                   help="CPU only: seconds of measurement per implementation (default 0.05 quick, 1.0 full)")
+    p.add_argument("--cpu-samples", type=int, default=None,
+                   help="CPU only: interleaved samples per implementation (default 7 quick, 15 full; at least 7)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--render", metavar="RESULTS_JSON", default=None,
@@ -41,11 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "left by a run that timed out) into --out (default: its directory)")
 
 
-def default_out_dir(slug: str) -> Path:
+def default_out_dir(slug: str, stamp: Optional[str] = None) -> Path:
+    """A new folder per run: bench/results/<slug>/<YYYYmmdd-HHMMSS>/ (in the checkout, else the cwd)."""
     root = Path(__file__).resolve().parents[2]
-    if (root / "bench").is_dir() and (root / "peft_kernels").is_dir():
-        return root / "bench" / "results" / slug
-    return Path.cwd() / "bench" / "results" / slug
+    base = root if (root / "bench").is_dir() and (root / "peft_kernels").is_dir() else Path.cwd()
+    return base / "bench" / "results" / slug / (stamp or time.strftime("%Y%m%d-%H%M%S"))
 
 
 def _progress(total: int, disable: bool):
@@ -97,8 +100,12 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     env = devinfo.environment(device)
     out_dir = Path(args.out) if args.out else default_out_dir(env["device_slug"])
+    if (out_dir / "results.json").exists() and not args.overwrite:
+        print(f"bench: {out_dir / 'results.json'} exists; pass another --out (or none: a new folder) or "
+              "--overwrite", file=sys.stderr)
+        return 2
     out_dir.mkdir(parents=True, exist_ok=True)
-    timer = Timer(device, args.quick, args.cpu_min_time)
+    timer = Timer(device, args.quick, args.cpu_samples)
     names = suites.SUITES if args.op == "all" else (args.op,)
     plan = [(name, spec) for name in names for spec in suites.get(name).specs(args.quick, device)]
     meta = dict(env, quick=args.quick, timer=timer.description, dtype=str(dtype).replace("torch.", ""),

@@ -117,15 +117,42 @@ def _nbytes(tensors: list) -> int:
 
 
 def _peak_memory(step: Callable[[], list], device: torch.device) -> Optional[int]:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    out = step()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del out
+    """Bytes the step allocates at its peak above what was allocated before it (its outputs included).
+
+    CUDA: the caching allocator's peak statistics. CPU: the running sum of every allocation and
+    free the profiler records (``profile_memory=True``), in time order.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return int(peak)
+    return cpu_peak_bytes(step)
+
+
+def cpu_peak_bytes(step: Callable[[], object]) -> int:
+    """Peak bytes allocated on the CPU while ``step()`` runs (and its result lives), from the profiler."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = step()
+        del out
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    current = peak = 0
+    for _, size in sorted(events):
+        current += size
+        peak = max(peak, current)
     return int(peak)
 
 
@@ -216,25 +243,29 @@ def run_case(case: Case, timer: Timer, device: torch.device, env: dict, seed: in
 
     o = {"name": "ours", "status": "ok", "backend": backend, "note": ours.note, "out_bytes": _nbytes(ref)}
     del ref
+    timings: dict = {}
     try:
-        t = timer(ours_step)
-        o.update(t.as_dict(), **_metrics(t.median_ms, case.cost, case.dtype, env["peak"]))
-        o["peak_mem_bytes"] = _peak_memory(ours_step, device)
+        timings = timer.interleaved({"ours": ours_step, **steps})
     except Exception as exc:
         o["status"] = f"error: {_err_text(exc)}"
     _free(device)
     speedup = {}
-    for name, step in steps.items():
-        e = entries[name]
+    if "ours" in timings:
+        t = timings["ours"]
+        o.update(t.as_dict(), **_metrics(t.median_ms, case.cost, case.dtype, env["peak"]))
+    for name, step in [("ours", ours_step), *steps.items()]:
+        e = o if name == "ours" else entries[name]
         try:
-            t = timer(step)
-            e.update(t.as_dict(), **_metrics(t.median_ms, case.cost, case.dtype, env["peak"]))
             e["peak_mem_bytes"] = _peak_memory(step, device)
-            if o.get("median_ms"):
-                speedup[name] = t.median_ms / o["median_ms"]
         except Exception as exc:
             e["status"] = f"error: {_err_text(exc)}"
         _free(device)
+        if name == "ours" or name not in timings:
+            continue
+        t = timings[name]
+        e.update(t.as_dict(), **_metrics(t.median_ms, case.cost, case.dtype, env["peak"]))
+        if o.get("median_ms"):
+            speedup[name] = t.median_ms / o["median_ms"]
     for b in case.baselines:
         speedup.setdefault(b.name, None)
         entries[b.name]["speedup"] = speedup[b.name]

@@ -1,4 +1,5 @@
-"""Timers: CUDA events through ``triton.testing.do_bench`` on GPU, ``torch.utils.benchmark`` on CPU.
+"""Timers: CUDA events through ``triton.testing.do_bench`` on GPU; on CPU, the compared sides
+interleaved sample by sample (so a noisy neighbour slows both alike), median of >= 7 samples.
 
 Both return the median and the inter-quartile range (IQR) in milliseconds. Every call of the
 timed function must be self-contained (it allocates its own outputs), so repeated runs do not
@@ -6,7 +7,9 @@ accumulate anything.
 """
 from __future__ import annotations
 
+import math
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,28 +38,36 @@ class Timer:
 
     GPU: ``triton.testing.do_bench(fn, warmup, rep, quantiles=[.25, .5, .75])`` (CUDA events around
     each call, L2 flushed between calls; warm-up ``warmup`` ms, measurement ``rep`` ms), or a CUDA
-    event loop if triton is missing. CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with
-    all of torch's threads (its default is one thread), after three warm-up calls.
+    event loop if triton is missing. CPU (:meth:`interleaved`): after three warm-up calls each, a
+    sample is a block of calls lasting about ``cpu_sample_s``; the sides take turns, one sample
+    each per round, for ``cpu_samples`` (>= 7) rounds; all of torch's threads.
     """
 
-    def __init__(self, device: torch.device, quick: bool, cpu_min_run_time: Optional[float] = None):
+    def __init__(self, device: torch.device, quick: bool, cpu_samples: Optional[int] = None,
+                 cpu_sample_s: Optional[float] = None):
         self.device = device
         self.quick = quick
         self.warmup_ms, self.rep_ms = (10, 40) if quick else (25, 100)
-        self.cpu_min_run_time = cpu_min_run_time or (0.05 if quick else 1.0)
+        self.cpu_samples = max(7, cpu_samples or (7 if quick else 15))
+        self.cpu_sample_s = cpu_sample_s or (0.01 if quick else 0.1)
 
     @property
     def description(self) -> str:
         if self.device.type == "cuda":
             return (f"CUDA events via triton.testing.do_bench(warmup={self.warmup_ms} ms, rep={self.rep_ms} ms, "
                     "L2 flushed between runs), median and IQR of the runs")
-        return (f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={self.cpu_min_run_time} s, "
-                f"num_threads={torch.get_num_threads()}), median and IQR of the blocks")
+        return (f"CPU wall clock, the compared implementations interleaved: {self.cpu_samples} rounds of one "
+                f"~{self.cpu_sample_s * 1e3:.0f} ms sample each (num_threads={torch.get_num_threads()}), median "
+                "and IQR of the samples")
 
     def __call__(self, fn: Callable[[], object]) -> Timing:
+        return self.interleaved({"fn": fn})["fn"]
+
+    def interleaved(self, fns: dict[str, Callable[[], object]]) -> dict[str, Timing]:
+        """Time every function of ``fns``; on CPU in interleaved rounds, on GPU one after another."""
         if self.device.type == "cuda":
-            return self._cuda(fn)
-        return self._cpu(fn)
+            return {name: self._cuda(fn) for name, fn in fns.items()}
+        return self._cpu(fns)
 
     def _cuda(self, fn) -> Timing:
         try:
@@ -84,18 +95,25 @@ class Timer:
         q = statistics.quantiles(times, n=4)
         return Timing(statistics.median(times), q[0], q[2], len(times), "cuda events")
 
-    def _cpu(self, fn) -> Timing:
-        import torch.utils.benchmark as tb
-
-        for _ in range(3):  # warm-up: lazy initialisation, allocator, caches
+    def _cpu(self, fns: dict[str, Callable[[], object]]) -> dict[str, Timing]:
+        number = {}
+        for name, fn in fns.items():
+            for _ in range(3):  # warm-up: lazy initialisation, allocator, caches
+                fn()
+            start = time.perf_counter()
             fn()
-        m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-            min_run_time=self.cpu_min_run_time
-        )
-        times = sorted(m.times)
-        if len(times) >= 2:
-            q = statistics.quantiles(times, n=4, method="inclusive")
-            q25, q75 = q[0], q[2]
-        else:
-            q25 = q75 = times[0]
-        return Timing(m.median * 1e3, q25 * 1e3, q75 * 1e3, len(times), "torch.utils.benchmark")
+            once = max(time.perf_counter() - start, 1e-7)
+            number[name] = max(1, math.ceil(self.cpu_sample_s / once))
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(self.cpu_samples):
+            for name, fn in fns.items():
+                n = number[name]
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / n * 1e3)
+        out = {}
+        for name, times in samples.items():
+            q = statistics.quantiles(sorted(times), n=4, method="inclusive")
+            out[name] = Timing(statistics.median(times), q[0], q[2], len(times), "interleaved perf_counter")
+        return out

@@ -10,10 +10,11 @@ from types import MethodType
 import torch
 from torch import nn
 
+from .. import attention as attn
 from ..methods.lora import stack_lora
+from ..methods.prefix_tuning import layer_prefixes
 from ..methods.prompt_model import generate_with_prompts, prompt_inputs
 from ..ops import multi_lora
-from . import transformers as hf
 
 SUPPORTED = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LORA")
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
@@ -39,17 +40,19 @@ def _prompt_generate(self, input_ids=None, attention_mask=None, task_ids=None, *
     """Greedy/sampled generation after the prompt; the prompt enters the KV cache once."""
     if input_ids is None:
         raise ValueError("generate needs input_ids")
+    if self._adapters_disabled:  # inside PEFT's disable_adapter(): the base model
+        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     bank = self.get_prompt(batch_size=1, task_ids=task_ids)
     inputs = prompt_inputs(self.base_model, bank.detach(), input_ids=input_ids, attention_mask=attention_mask)
     return generate_with_prompts(self.base_model, input_ids, inputs, **kwargs)
 
 
-def _prefix_layers(self) -> dict[int, hf.LayerPrefix]:
-    """Every layer's prefix K/V from PEFT's prefix encoder: {layer: [1, Hkv, P, D] pair}.
+def _prefix_selection(self) -> attn.PrefixSelection:
+    """This call's prefixes from PEFT's prefix encoder: every layer's [1, Hkv, P, D] K/V, and
+    real tokens shifted to positions P..P+L-1 (where PEFT's prefilled cache puts them).
 
-    Semantics: PEFT's layout: the encoder output [P, layers * 2 * Hkv * D] viewed as
-    [P, layers * 2, Hkv, D]; layer i's key is slot 2i, its value 2i + 1. In training the
-    reparameterisation MLP runs (and is differentiated); in inference mode the stored table is used.
+    Semantics: in training the reparameterisation MLP runs (and is differentiated); in
+    inference mode the stored table is used.
     """
     config = self.active_peft_config
     encoder = self.prompt_encoder[self.active_adapter]
@@ -62,8 +65,8 @@ def _prefix_layers(self) -> dict[int, hf.LayerPrefix]:
     if self.base_model_torch_dtype is not None:
         flat = flat.to(self.base_model_torch_dtype)
     heads = config.num_attention_heads
-    kv = flat.view(P, config.num_layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)
-    return {i: hf.LayerPrefix(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(config.num_layers)}
+    layers = layer_prefixes(flat, config.num_layers, heads, config.token_dim // heads)
+    return attn.PrefixSelection(layers, None, P)
 
 
 def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
@@ -71,42 +74,44 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     """PEFT's prefix-tuning forward with the prefix read by the attention kernel, not the cache.
 
     Semantics: the attention mask stays [B, L] (the prefix is not a token); position ids are
-    shifted by P by the backbone hook, as PEFT's prefilled cache shifts them.
+    shifted by P by the backbone hook, as PEFT's prefilled cache shifts them. The prefix is
+    selected for this call only: PEFT's ``disable_adapter()`` (which calls the base model's
+    forward directly) and any other direct call run the base model.
     """
     if kwargs.get("token_type_ids") is not None:
         kwargs["token_type_ids"] = None  # PEFT drops them for prompt learning too
-    state = self._peft_kernels_prefix
-    state.layers = _prefix_layers(self)
-    return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                           labels=labels, output_attentions=output_attentions,
-                           output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+    with self._peft_kernels_prefix.use(_prefix_selection(self)):
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
 
 
 def _prefix_generate(self, *args, **kwargs):
     """Generation with the prefix in the attention kernel: the KV cache holds only real tokens."""
-    state = self._peft_kernels_prefix
+    if self._adapters_disabled:  # inside PEFT's disable_adapter(): the base model
+        return self.base_model.generate(*args, **kwargs)
     with torch.no_grad():
-        state.layers = _prefix_layers(self)
-    return self.base_model.generate(*args, **kwargs)
+        selection = _prefix_selection(self)
+    with self._peft_kernels_prefix.use(selection):
+        return self.base_model.generate(*args, **kwargs)
 
 
 def _lora_bank(layer: nn.Module, names: list[str], dtype, device):
-    """(lora_a, lora_b, ranks, scaling) of a PEFT LoRA layer's adapters ``names``, stacked.
+    """(lora_a, lora_b, ranks, scaling) of a PEFT LoRA layer's adapters ``names``.
 
-    Semantics: rebuilt (differentiably) whenever autograd may need it; otherwise cached on the
-    layer until any of its adapter weights changes (their version counters) or ``names`` does.
+    Semantics: one adapter: views of its own weights (no copy, so in-place edits such as
+    ``lora_B.weight.data[...] = ...`` are always seen, and the bank costs nothing per call);
+    several: stacked from the current weights at every call (differentiable, never stale).
     """
     weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
-    grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in weights)
-    key = (tuple(names), dtype, device, tuple((a._version, a.data_ptr(), b._version, b.data_ptr()) for a, b in weights))
-    cached = layer.__dict__.get("_peft_kernels_bank")
-    if not grad and cached is not None and cached[0] == key:
-        return cached[1]
-    bank = (*stack_lora([a for a, _ in weights], [b for _, b in weights], dtype),
-            torch.tensor([float(layer.scaling[n]) for n in names], device=device))
-    if not grad:
-        layer.__dict__["_peft_kernels_bank"] = (key, bank)
-    return bank
+    if len(weights) == 1 and weights[0][0].dtype == dtype:
+        a, b = weights[0]
+        lora_a, lora_b = a[None], b[None]
+        ranks = None
+    else:
+        lora_a, lora_b, ranks = stack_lora([a for a, _ in weights], [b for _, b in weights], dtype)
+    scaling = torch.tensor([float(layer.scaling[n]) for n in names], device=device)
+    return lora_a, lora_b, ranks, scaling
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -127,16 +132,17 @@ def _lora_forward(self, x, *args, **kwargs):
         self._check_forward_args(x, adapter_names=adapter_names)
     result = self.base_layer(x)
     dtype = self.lora_A[names[0]].weight.dtype
-    lora_a, lora_b, ranks, scaling = _lora_bank(self, names, dtype, x.device)
     xa = self._cast_input_dtype(x, dtype)
     if adapter_names is not None:
+        lora_a, lora_b, ranks, scaling = _lora_bank(self, names, dtype, x.device)
         index = torch.tensor([names.index(n) if n in names else -1 for n in adapter_names], device=x.device)
         out = multi_lora(xa, lora_a, lora_b, index, scaling, ranks=ranks, base=result.to(dtype), validate=False)
         return out.to(result.dtype)
     out = result.to(dtype)
-    for t, name in enumerate(names):  # several active adapters add up, as in PEFT
-        out = multi_lora(self.lora_dropout[name](xa), lora_a[t : t + 1], lora_b[t : t + 1], None, scaling[t : t + 1],
-                         ranks=ranks[t : t + 1], base=out, validate=False)
+    for name in names:  # several active adapters add up, as in PEFT
+        lora_a, lora_b, ranks, scaling = _lora_bank(self, [name], dtype, x.device)
+        out = multi_lora(self.lora_dropout[name](xa), lora_a, lora_b, None, scaling, ranks=ranks, base=out,
+                         validate=False)
     return out.to(result.dtype)
 
 
@@ -176,9 +182,9 @@ def patch(peft_model: nn.Module) -> nn.Module:
         model_type = peft_model.base_model.config.model_type
         if model_type in special or peft_model.active_peft_config.num_transformer_submodules != 1:
             raise ValueError(f"patch: prefix tuning of {model_type} needs PEFT's own cache layout; not supported")
-        state = hf.PrefixState(position_offset=peft_model.active_peft_config.num_virtual_tokens)
+        state = attn.PrefixState()
         peft_model._peft_kernels_prefix = state
-        peft_model._peft_kernels_attachment = hf.attach(peft_model.base_model, state)
+        peft_model._peft_kernels_attachment = attn.attach(peft_model.base_model, state)
         peft_model.forward = MethodType(_prefix_forward, peft_model)
         peft_model.generate = MethodType(_prefix_generate, peft_model)
     else:
@@ -193,7 +199,6 @@ def unpatch(peft_model: nn.Module) -> nn.Module:
     if getattr(peft_model, "_peft_kernels_patched", None) == "LORA":
         for layer in _lora_layers(peft_model):
             layer.__dict__.pop("forward", None)
-            layer.__dict__.pop("_peft_kernels_bank", None)
     if "_peft_kernels_attachment" in peft_model.__dict__:
         peft_model._peft_kernels_attachment.detach()
     for name in ("forward", "generate", "_peft_kernels_patched", "_peft_kernels_prefix", "_peft_kernels_attachment"):

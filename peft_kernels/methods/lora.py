@@ -8,8 +8,8 @@ per-row adapter index is built (and validated) once per batch, not once per laye
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
-import re
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -19,44 +19,75 @@ from ..ops.multi_lora import multi_lora_rows
 from .selection import name_matches
 
 
+class _Route:
+    """One call's routing: the slot index and its per-token expansions (built once per length)."""
+
+    __slots__ = ("index", "per_token")
+
+    def __init__(self, index: Optional[Tensor]):
+        self.index = index
+        self.per_token: dict[int, Tensor] = {}
+
+
+_NO_ROUTE = _Route(None)
+
+
 class AdapterRouting:
-    """Which adapter slot each row of the current batch uses; shared by all LoRA layers.
+    """Which adapter slot each row of the current call uses; shared by all LoRA layers of a model.
 
     Semantics: ``names`` fixes the slot order, the same in every layer; ``index`` [B] is the
-    slot of each row of the current batch (-1 = base model; None = adapters off). Whoever sets
-    it builds it once per batch from known names, so the layers call the op with
-    ``validate=False``.
+    slot of each row of the current call (-1 = base model; None = adapters off, also outside
+    any :meth:`use` block). The index lives in a ``contextvars.ContextVar``, so concurrent
+    calls (threads, async tasks) each see their own. Whoever sets it builds it once per batch
+    from known names, so the layers call the op with ``validate=False``.
     """
 
     def __init__(self):
         self.names: list[str] = []
-        self.index: Optional[Tensor] = None  # [B] slot per row, -1 = none; None = adapters off
-        self._per_token: dict[int, Tensor] = {}
+        self._new_var()
+
+    def _new_var(self) -> None:
+        self._current: contextvars.ContextVar[_Route] = contextvars.ContextVar(
+            f"peft_kernels_routing_{id(self)}", default=_NO_ROUTE)
+
+    def __getstate__(self) -> dict:  # copies and pickles carry the slot order, never a call's routing
+        return {"names": list(self.names)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.names = state["names"]
+        self._new_var()
+
+    @property
+    def index(self) -> Optional[Tensor]:
+        return self._current.get().index
 
     def token_index(self, length: int) -> Tensor:
         """The row index repeated for each of ``length`` tokens ([B * length]), built once per
-        batch and length and shared by every layer (so kernels can reuse their sort of it)."""
+        call and length and shared by every layer (so kernels can reuse their sort of it)."""
+        route = self._current.get()
         if length == 1:
-            return self.index
-        if length not in self._per_token:
-            B = self.index.shape[0]
-            self._per_token[length] = self.index[:, None].expand(B, length).reshape(B * length)
-        return self._per_token[length]
+            return route.index
+        cached = route.per_token.get(length)
+        if cached is None:
+            B = route.index.shape[0]
+            cached = route.per_token[length] = route.index[:, None].expand(B, length).reshape(B * length)
+        return cached
 
     @contextlib.contextmanager
     def use(self, index: Optional[Tensor]) -> Iterator[None]:
-        previous = self.index, self._per_token
-        self.index, self._per_token = index, {}
+        """Route every call inside the block with ``index`` ([B] slots, -1 none; None: adapters off)."""
+        token = self._current.set(_Route(index))
         try:
             yield
         finally:
-            self.index, self._per_token = previous
+            self._current.reset(token)
 
 
-def _kaiming_a(rank: int, fan_in: int, generator: Optional[torch.Generator]) -> Tensor:
-    # nn.Linear's default init (kaiming uniform, a=sqrt(5)), as PEFT initialises lora_A.
+def kaiming_uniform(rows: int, fan_in: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``[rows, fan_in]`` drawn as ``nn.Linear`` initialises its weight (kaiming uniform, a=sqrt(5)),
+    which is how PEFT initialises ``lora_A``."""
     bound = 1.0 / math.sqrt(fan_in)
-    return torch.empty(rank, fan_in).uniform_(-bound, bound, generator=generator)
+    return torch.empty(rows, fan_in).uniform_(-bound, bound, generator=generator)
 
 
 class LoraLinear(nn.Module):
@@ -246,64 +277,3 @@ def stack_lora(a: Sequence[Tensor], b: Sequence[Tensor], dtype: Optional[torch.d
     lora_b = torch.stack([nn.functional.pad(w.to(dtype), (0, R - w.shape[1])) for w in b])
     ranks = torch.tensor([w.shape[0] for w in a], dtype=torch.int32, device=lora_a.device)
     return lora_a, lora_b, ranks
-
-
-PEFT_PREFIX = "base_model.model."
-_A, _B = ".lora_A.weight", ".lora_B.weight"
-
-
-def peft_lora_modules(state: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{module name: (A [r, in], B [out, r])}`` from a PEFT LoRA state dict.
-
-    Semantics: PEFT saves ``base_model.model.<module>.lora_A.weight`` (adapter name removed);
-    any other key (DoRA magnitudes, biases, embedding LoRA) raises ValueError naming it.
-    """
-    modules: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in state.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        for suffix, part in ((_A, "A"), (_B, "B")):
-            if name.endswith(suffix):
-                modules.setdefault(name[: -len(suffix)], {})[part] = tensor
-                break
-        else:
-            raise ValueError(f"unsupported LoRA tensor {key!r} (only lora_A/lora_B weights of Linear layers)")
-    missing = sorted(m for m, parts in modules.items() if set(parts) != {"A", "B"})
-    if missing:
-        raise ValueError(f"LoRA modules without both lora_A and lora_B: {missing}")
-    return {m: (parts["A"], parts["B"]) for m, parts in modules.items()}
-
-
-def peft_lora_state(modules: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-    """The inverse of :func:`peft_lora_modules`: PEFT's key names for each module's A and B."""
-    state = {}
-    for name, (a, b) in modules.items():
-        state[PEFT_PREFIX + name + _A] = a
-        state[PEFT_PREFIX + name + _B] = b
-    return state
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    for pattern, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?({pattern})", module):
-            return value
-    return default
-
-
-def module_scaling(config: dict, module: str, rank: int) -> float:
-    """A PEFT LoRA config's scale for one module (``alpha_pattern`` and rsLoRA honoured)."""
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-    return lora_scaling(alpha, rank, bool(config.get("use_rslora", False)))
-
-
-UNSUPPORTED_LORA = {"use_dora": True, "lora_bias": True}
-
-
-def check_lora_config(config: dict) -> None:
-    """Raise ValueError for PEFT LoRA features the multi_lora route does not model."""
-    for key, bad in UNSUPPORTED_LORA.items():
-        if config.get(key) == bad:
-            raise ValueError(f"LoRA config has {key}={bad}: not supported by peft_kernels' LoRA layers")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"LoRA config has bias={config['bias']!r}: only bias='none' is supported")
-    if config.get("modules_to_save"):
-        raise ValueError(f"LoRA config has modules_to_save={config['modules_to_save']}: not supported")

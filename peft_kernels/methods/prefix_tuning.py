@@ -12,7 +12,8 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..integrations import transformers as hf
+from .. import attention as attn
+from .geometry import model_geometry
 from .prompt_model import compact_position_ids
 from .selection import per_row, used_in_order
 
@@ -45,10 +46,8 @@ class PrefixEncoder(nn.Module):
     @classmethod
     def for_model(cls, config, num_virtual_tokens: int, **kwargs) -> "PrefixEncoder":
         """Sized from a transformers config (layers, KV heads, head dim)."""
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(num_virtual_tokens, config.num_hidden_layers, kv_heads, head_dim, **kwargs)
+        g = model_geometry(config)
+        return cls(num_virtual_tokens, g.layers, g.kv_heads, g.head_dim, **kwargs)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -58,10 +57,8 @@ class PrefixEncoder(nn.Module):
         table = self.embedding.weight
         return table if self.transform is None else self.transform(table)
 
-    def layers(self) -> dict[int, hf.LayerPrefix]:
-        P = self.num_virtual_tokens
-        kv = self().view(P, self.num_layers * 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        return {i: hf.LayerPrefix(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(self.num_layers)}
+    def layers(self) -> dict[int, attn.LayerPrefix]:
+        return layer_prefixes(self(), self.num_layers, self.num_kv_heads, self.head_dim)
 
     @torch.no_grad()
     def fold(self) -> "PrefixEncoder":
@@ -70,7 +67,19 @@ class PrefixEncoder(nn.Module):
         return folded
 
 
-def stack_layer_prefixes(per_prefix: Sequence[dict[int, hf.LayerPrefix]]) -> dict[int, hf.LayerPrefix]:
+def layer_prefixes(flat: Tensor, num_layers: int, num_kv_heads: int, head_dim: int) -> dict[int, attn.LayerPrefix]:
+    """Every layer's prefix from PEFT's flat table: {layer: LayerPrefix(key, value [1, Hkv, P, D])}.
+
+    Shapes: flat [P, num_layers * 2 * num_kv_heads * head_dim].
+    Semantics: PEFT's layout: the table viewed as [P, layers * 2, Hkv, D]; layer i's key is
+    slot 2i, its value 2i + 1 (views, differentiable).
+    """
+    P = flat.shape[0]
+    kv = flat.view(P, num_layers * 2, num_kv_heads, head_dim).permute(1, 2, 0, 3)
+    return {i: attn.LayerPrefix(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(num_layers)}
+
+
+def stack_layer_prefixes(per_prefix: Sequence[dict[int, attn.LayerPrefix]]) -> dict[int, attn.LayerPrefix]:
     """Per-layer banks [T, Hkv, P_max, D] (+ lens [T]) from T prefixes' layers.
 
     Semantics: shorter prefixes are zero-padded at the end and masked through ``lens``; a
@@ -90,28 +99,27 @@ def stack_layer_prefixes(per_prefix: Sequence[dict[int, hf.LayerPrefix]]) -> dic
             keys.append(present[0].key.new_zeros(Hkv, P, D) if lp is None else nn.functional.pad(lp.key[0], pad))
             values.append(present[0].key.new_zeros(Hkv, P, D) if lp is None else nn.functional.pad(lp.value[0], pad))
             lens.append(n)
-        banks[i] = hf.LayerPrefix(torch.stack(keys), torch.stack(values),
+        banks[i] = attn.LayerPrefix(torch.stack(keys), torch.stack(values),
                                   torch.tensor(lens, dtype=torch.int32, device=keys[0].device))
     return banks
 
 
-def select_prefixes(state: hf.PrefixState, prefixes: Mapping[str, PrefixEncoder], names: Sequence[Optional[str]],
-                    device) -> None:
-    """Point ``state`` at this batch's prefixes: per-layer banks, row index, position offsets.
+def select_prefixes(prefixes: Mapping[str, PrefixEncoder], names: Sequence[Optional[str]],
+                    device) -> attn.PrefixSelection:
+    """This batch's prefixes: per-layer banks, row index, position offsets.
 
-    Semantics: built once per batch (every layer then reads it); rows with None get no prefix
-    and no position offset; with no prefix in the batch every layer runs prefix-free.
+    Semantics: built once per batch (every layer then reads it through
+    :meth:`PrefixState.use`); rows with None get no prefix and no position offset; with no
+    prefix in the batch every layer runs prefix-free.
     """
     used = used_in_order(names, list(prefixes))
     if not used:
-        state.layers, state.index, state.position_offset = {}, None, 0
-        return
-    state.layers = {i: hf.LayerPrefix(lp.key.to(device), lp.value.to(device), lp.lens.to(device))
-                    for i, lp in stack_layer_prefixes([prefixes[n].layers() for n in used]).items()}
+        return attn.NO_PREFIX
+    layers = {i: attn.LayerPrefix(lp.key.to(device), lp.value.to(device), lp.lens.to(device))
+              for i, lp in stack_layer_prefixes([prefixes[n].layers() for n in used]).items()}
     index = torch.tensor([-1 if n is None else used.index(n) for n in names], dtype=torch.int32, device=device)
     lengths = torch.tensor([0] + [prefixes[n].num_virtual_tokens for n in used], device=device)
-    state.index = index
-    state.position_offset = lengths[index.long() + 1]
+    return attn.PrefixSelection(layers, index, lengths[index.long() + 1])
 
 
 class PrefixTunedModel(nn.Module):
@@ -129,31 +137,31 @@ class PrefixTunedModel(nn.Module):
         super().__init__()
         self.model = model
         self.prefixes = nn.ModuleDict({"default": prefixes} if isinstance(prefixes, nn.Module) else dict(prefixes))
-        self.state = hf.PrefixState()
-        self._attachment = hf.attach(model, self.state)
+        self.state = attn.PrefixState()
+        self._attachment = attn.attach(model, self.state)
 
-    def _select(self, prefix, rows: int, device) -> None:
+    def _selection(self, prefix, rows: int) -> attn.PrefixSelection:
         names = per_row(prefix, rows, list(self.prefixes), "prefix")
-        select_prefixes(self.state, self.prefixes, names, device)
+        return select_prefixes(self.prefixes, names, self.model.device)
 
     def forward(self, input_ids=None, attention_mask=None, *, prefix=None, **kwargs):
         """Run the model with each row's prefix; ``input_ids``/``inputs_embeds`` for text models,
         ``pixel_values`` for vision encoders (which keep their patch positions)."""
         tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         first = tokens if tokens is not None else kwargs["pixel_values"]
-        self._select(prefix, first.shape[0], self.model.device)
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
             if tokens is not None and kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = compact_position_ids(attention_mask)[:, -tokens.shape[1]:]
-        return self.model(**kwargs)
+        with self.state.use(self._selection(prefix, first.shape[0])):
+            return self.model(**kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, prefix=None, **kwargs) -> Tensor:
-        self._select(prefix, input_ids.shape[0], self.model.device)
-        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self.state.use(self._selection(prefix, input_ids.shape[0])):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def remove(self) -> nn.Module:
         """Detach the prefix attention and return the plain model."""

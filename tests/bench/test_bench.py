@@ -2,7 +2,7 @@
 baselines and speed-ups, and every baseline matched ours on the bench's own inputs before timing
 (generate rows: ours matched PEFT's forward, teacher-forced, before timing).
 
-The issue-4 prefix shapes (causal L2048, bidirectional, the B64 decode sweep) and the e2e rows
+The prefix shapes (causal L2048, bidirectional, the B64 decode sweep) and the e2e rows
 (MultiAdapterModel LoRA-only and mixed-kind batches, the prefix-tuning KV-cache row) are in the
 grids; the quick CPU run has one of each kind.
 
@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
     out = {}
     for op in OPS:
         d = tmp_path_factory.mktemp(f"bench_{op}")
-        rc = pk_main(["bench", "--op", op, "--quick", "--device", "cpu", "--threads", "1", "--cpu-min-time", "0.02",
+        rc = pk_main(["bench", "--op", op, "--quick", "--device", "cpu", "--threads", "1", "--cpu-samples", "7",
                       "--out", str(d)])
         out[op] = (rc, d)
     return out
@@ -226,7 +226,7 @@ def test_e2e_quick_rows_are_the_issue_shapes(runs):
     by = {(r["op"], r["shape"]["phase"]): r for r in rows}
     assert set(by) == {("llama_multi_lora", "prefill"), ("llama_multi_lora", "decode"), ("llama_mixed_kinds", "prefill"),
                        ("llama_mixed_kinds", "generate"), ("llama_prefix_generate", "generate")}
-    # issue 5: 4 layers, hidden 256, LoRA on q/k/v/o, 8 adapters of ranks 4..16, 16 rows, prefill 16x64, decode 16x1
+    # the CPU criterion: 4 layers, hidden 256, LoRA on q/k/v/o, 8 adapters of ranks 4..16, 16 rows, prefill 16x64, decode 16x1
     pre, dec = by[("llama_multi_lora", "prefill")], by[("llama_multi_lora", "decode")]
     assert (pre["shape"]["B"], pre["shape"]["L"], pre["shape"]["T"]) == (16, 64, 8)
     assert (dec["shape"]["B"], dec["shape"]["L"], dec["shape"]["tokens"]) == (16, 1, 16)
@@ -307,3 +307,26 @@ def test_prefix_sdpa_baseline_bidirectional():
     want, _ = reference.prefix_attention(q, k, v, pk, pv, idx, None, None, False, None)
     got = prefix_sdpa.prefix_cat_sdpa(q, k, v, pk, pv, idx, causal=False)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_never_overwrites_results_and_defaults_to_a_new_folder(tmp_path, capsys):
+    from peft_kernels.bench import cli
+
+    (tmp_path / "results.json").write_text("{}")
+    assert pk_main(["bench", "--op", "prompt", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == "{}"
+    first, second = cli.default_out_dir("cpu-x", "20261201-100000"), cli.default_out_dir("cpu-x")
+    assert first.parent == second.parent and first.name == "20261201-100000" and first != second
+
+
+def test_cpu_timer_interleaves_at_least_seven_samples_per_side():
+    from peft_kernels.bench.timing import Timer
+
+    order = []
+    timer = Timer(torch.device("cpu"), quick=True, cpu_samples=3)  # raised to the minimum of 7
+    timings = timer.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")})
+    assert timings["a"].runs == timings["b"].runs == 7
+    timed = order[8:]  # after the warm-up and calibration calls (4 each)
+    switches = sum(1 for x, y in zip(timed, timed[1:]) if x != y)
+    assert switches >= 13, "the two sides must take turns, not run one after the other"

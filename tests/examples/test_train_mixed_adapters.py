@@ -18,7 +18,11 @@ def test_every_adapter_learns_its_own_task_in_mixed_batches():
         assert sum(losses[-3:]) / 3 < losses[0] - 0.1, (name, losses)
 
 
-def test_example_script_runs():
-    res = subprocess.run([sys.executable, str(SCRIPT), "--steps", "3"], capture_output=True, text=True, timeout=300)
+def test_example_script_trains_every_adapter():
+    res = subprocess.run([sys.executable, str(SCRIPT), "--steps", "20"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "prefix" in res.stdout and "last loss" in res.stdout
+    table = res.stdout[res.stdout.index("last loss"):].splitlines()[1:]
+    losses = {name: (float(first), float(last)) for name, first, last in (line.split() for line in table if line)}
+    assert set(losses) == {"lora", "prefix", "prompt", "ptuning"}, res.stdout
+    for name, (first, last) in losses.items():
+        assert last < first, (name, first, last)

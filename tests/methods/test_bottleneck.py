@@ -141,7 +141,7 @@ def test_new_adapter_is_identity_and_only_adapters_train():
     with torch.no_grad():
         torch.testing.assert_close(wrapped(ids).logits, want(ids).logits, atol=0, rtol=0)
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
-    assert trainable and all(n.startswith("banks.") for n in trainable)
+    assert trainable and all(n.startswith("sites.banks.") for n in trainable)
     wrapped.remove()
     assert all(p.requires_grad for p in base.parameters())
     with torch.no_grad():
@@ -188,7 +188,7 @@ def test_mixed_batch_rows_equal_rows_alone_forward_and_gradients():
     assert attn_bank._ranks == [4, 0, 2]
     slot = wrapped.routing.names.index("p6")
     for part in ("down", "down_bias", "up", "up_bias"):
-        assert not mixed_grads[f"banks.model__layers__0__self_attn__o_proj.{part}"][slot].any()
+        assert not mixed_grads[f"sites.banks.model__layers__0__self_attn__o_proj.{part}"][slot].any()
 
 
 @pytest.mark.parametrize("backend", kernel_backends("multi_lora"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import batch, greedy_by_forward, tiny_llama
-from peft_kernels.integrations import transformers as hf
+from peft_kernels import attention as hf
 from peft_kernels.methods.prefix_tuning import PrefixEncoder, PrefixTunedModel
 
 peft = pytest.importorskip("peft")
@@ -142,13 +142,15 @@ def test_attention_function_matches_concatenated_sdpa_bidirectional_and_causal()
     module.layer_idx, module.is_causal = 0, False
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     bank = hf.LayerPrefix(torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8), torch.tensor([4, 2, 0]))
-    setattr(module, hf.STATE_ATTR, hf.PrefixState({0: bank}, index=torch.tensor([1, -1])))
+    state = hf.PrefixState()
+    setattr(module, hf.STATE_ATTR, state)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     for causal in (False, True):
         module.is_causal = causal
-        out, _ = hf.prefix_attention_forward(module, q, k, v, mask, scaling=0.3)
-        mask4 = hf._as_4d(mask, 2, 5, 5, causal, q.device)
-        want = hf._sdpa_fallback(q, k, v, bank.key, bank.value, torch.tensor([1, -1]), bank.lens, mask4, 0.0, 0.3)
+        with state.use(hf.PrefixSelection({0: bank}, index=torch.tensor([1, -1]))):
+            out, _ = hf.prefix_attention_forward(module, q, k, v, mask, scaling=0.3)
+        mask4 = hf.sequence_mask(mask, 2, 5, 5, causal, q.device)
+        want = hf.cat_sdpa(q, k, v, bank.key, bank.value, torch.tensor([1, -1]), bank.lens, mask4, 0.0, 0.3)
         torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 

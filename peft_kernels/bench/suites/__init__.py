@@ -3,7 +3,7 @@ tensors) and ``build(spec, device, dtype, seed) -> harness.Case`` (allocates the
 
 Shapes: ``quick`` on CUDA is a handful of realistic rows per op (about two minutes in all on an
 H100, compile and autotune included); ``quick`` without CUDA uses tiny shapes (seconds). The full
-grids follow the issues (prefix: B8 L2048 Hq32/Hkv8 D128 P64 causal, B32 L256 Hq16 D64 P128
+grids (prefix: B8 L2048 Hq32/Hkv8 D128 P64 causal, B32 L256 Hq16 D64 P128
 bidirectional, decode B64 over contexts 128..4096 with P128, fwd and fwd+bwd, plus corners of
 the B/L/P grid; LoRA: decode N 1..64 and prefill N 2048..8192, H 4096, 1/8/32/128 adapters,
 uniform and mixed ranks 8..128; prompts: B 1..64, L 128..4096, H 4096, P 20..100; e2e: a small

@@ -2,7 +2,7 @@
 of prefix-tuned generation.
 
 Models: ``LlamaConfig`` with random weights. On CUDA a Llama-like 8 layers, hidden 1024 (16 heads,
-4 KV heads, intermediate 2816, vocabulary 32000), in the bench dtype (bf16); on CPU issue 5's
+4 KV heads, intermediate 2816, vocabulary 32000), in the bench dtype (bf16); on CPU a smaller
 shape: 4 layers, hidden 256 (8 heads, 8 KV heads, intermediate 512, vocabulary 1024). Adapters
 are made with ``peft`` (random weights: ``init_lora_weights=False``, prefix encoders redrawn),
 saved with ``save_pretrained`` into a temporary directory and loaded from there into ours, as a
@@ -53,7 +53,6 @@ model / ours' added time); :func:`summary` renders them as markdown.
 from __future__ import annotations
 
 import copy
-import inspect
 import tempfile
 import warnings
 from pathlib import Path
@@ -62,6 +61,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ...cache_utils import cache_kw as _cache_kw, cache_of as _cache_of, cache_stats, crop as _crop
 from .. import costs
 from ..harness import Case, Impl
 from . import backend_of
@@ -83,7 +83,7 @@ def specs(quick: bool, device: torch.device) -> list[dict]:
     if gpu:
         m, B, L, ctx, P = "llama8x1024", 32, 256, 256, 64
         kinds = dict(prefix=64, prompt=32, ptuning=16)
-    else:  # issue 5: 16 rows, decode 16 x 1 after 32 tokens, prefill 16 x 64
+    else:  # the CPU criterion: 16 rows, decode 16 x 1 after 32 tokens, prefill 16 x 64
         m, B, L, ctx, P = "llama4x256", 16, 64, 32, 16
         kinds = dict(prefix=16, prompt=16, ptuning=8)
     new = 16
@@ -153,46 +153,6 @@ def _quiet() -> None:
     # PEFT's prefix generate is in the rows' notes); the bench's output stays readable.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`past_key_values` is deprecated")
     warnings.filterwarnings("ignore", message="Position ids are not supported")
-
-
-def _cache_kw() -> str:
-    """The forward keyword for a KV cache: ``cache`` in newer transformers, ``past_key_values`` before."""
-    from transformers import LlamaForCausalLM
-
-    params = inspect.signature(LlamaForCausalLM.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(out):
-    for attr in ("cache", "past_key_values"):
-        c = getattr(out, attr, None) if not isinstance(out, dict) else out.get(attr)
-        if c is not None:
-            return c
-    raise ValueError(f"no KV cache in {type(out).__name__} (keys: {list(out.keys()) if hasattr(out, 'keys') else '?'})")
-
-
-def _cache_layers(cache) -> list[tuple[Tensor, Tensor]]:
-    if hasattr(cache, "layers"):  # transformers >= 4.56: Cache.layers[i].keys / .values
-        return [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    return [(k, v) for k, v in cache]  # legacy tuple of (key, value) per layer
-
-
-def cache_stats(cache) -> dict:
-    """Bytes of every key and value tensor the cache holds, and its slots per layer (B x positions)."""
-    layers = _cache_layers(cache)
-    nbytes = sum(t.numel() * t.element_size() for kv in layers for t in kv)
-    k = layers[0][0]
-    return {"bytes": int(nbytes), "layers": len(layers), "slots_per_layer": int(k.shape[0] * k.shape[-2]),
-            "positions": int(k.shape[-2])}
-
-
-def _crop(cache, length: int) -> None:
-    """Drop the cache's positions past ``length`` (``crop(-n)`` removes n in every transformers version)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
 
 
 def greedy_gap(seq: Tensor, L: int, logits: Tensor) -> float:
@@ -304,6 +264,10 @@ def _bundle(s: dict, device, dtype, seed) -> dict:
         for name, m in others.items():
             m.save_pretrained(Path(tmp) / name)
             ours.load_adapter(Path(tmp) / name, name)
+    if s["row"] == "lora":
+        from ... import patch
+
+        out["patched"] = patch(copy.deepcopy(lora_model))  # the PEFT model on our ops, in place
     out.update(ours=ours.eval(), lora=lora_model, lora_names=lora_names, others=others)
     _BUNDLE.update(key=key, value=out)
     return out
@@ -358,6 +322,9 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
                 for n, x in pl_ids.items():
                     outs.append(b["others"][n](input_ids=x).logits[:, -x.shape[1]:])  # real tokens only
                 return outs
+
+            if "patched" in b:
+                patched_fn = lambda: [b["patched"](input_ids=lb_ids, adapter_names=lb_names).logits]  # noqa: E731
             notes.append("prefill: one forward over B x L, logits of every token; checked per adapter group")
         else:
             ctx, ckw = s["ctx"], _cache_kw()
@@ -382,6 +349,13 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
             peft_one = stepper(lambda c: lora_m(input_ids=peft_step, adapter_names=lb_names, use_cache=True,
                                                 **{ckw: c}).logits, c_peft)
             peft_fn = lambda: [peft_one()]  # noqa: E731
+            if "patched" in b:
+                with torch.inference_mode():
+                    c_patched = _cache_of(b["patched"](input_ids=prompt[lb_rows], adapter_names=lb_names,
+                                                       use_cache=True))
+                patched_one = stepper(lambda c: b["patched"](input_ids=peft_step, adapter_names=lb_names,
+                                                             use_cache=True, **{ckw: c}).logits, c_patched)
+                patched_fn = lambda: [patched_one()]  # noqa: E731
             notes.append(f"decode: one step of B x 1 tokens after a {ctx}-token KV cache (each implementation's "
                          f"own, cropped back after every step); checked per adapter group")
         ours = Impl("ours", ours_fn, no_grad=True, canon=split, backend=_backend(s), note="MultiAdapterModel")
@@ -433,6 +407,10 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
                          note="not compared: PEFT's generate of prefix/prompt models is wrong with this transformers "
                               "(tokens equal to ours in the row's notes); ours checked against PEFT's forward")
         floor = Impl("base_model", base_fn, no_grad=True, check=False)
+    baselines = [peft_impl, floor]
+    if "patched" in b and s["phase"] in ("prefill", "decode"):
+        baselines.insert(1, Impl("peft_patched", patched_fn, no_grad=True, canon=peft_canon, tol=tol,
+                                 note="the same PeftModel after peft_kernels.patch (its LoRA layers on multi_lora)"))
     if s["row"] == "lora":
         notes.append("peft (LoRA rows): one PeftModel with every adapter, model(input_ids, adapter_names=[...])")
     else:
@@ -443,7 +421,7 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
     if s["row"] == "lora":
         shape["ranks"] = _ranks(s, s["T"])
     op = "llama_multi_lora" if s["row"] == "lora" else "llama_mixed_kinds"
-    return Case("e2e", op, s["mode"], shape, label(s), dtype, costs.NONE, ours, [peft_impl, floor], notes=notes)
+    return Case("e2e", op, s["mode"], shape, label(s), dtype, costs.NONE, ours, baselines, notes=notes)
 
 
 def _backend(s: dict):

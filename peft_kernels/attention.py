@@ -1,23 +1,30 @@
-"""transformers integration: the ``"peft_prefix"`` attention function and mask function.
+"""Prefix attention inside transformers models: the ``"peft_prefix"`` attention and mask functions.
 
-Prefix K/V live in a :class:`PrefixState` shared by the model's attention modules (one bank per
+Prefix K/V live in a :class:`PrefixState` shared by a model's attention modules (one bank per
 layer, never copied per row, never put in the KV cache, no rotary embedding). The attention
-function reads the layer's bank and calls :func:`peft_kernels.prefix_attention`; the mask
-function hands it the 2-D ``[B, Lk]`` padding mask, so nothing ``Lq x Lk`` is materialised.
-A pre-hook on the model's backbone shifts position ids by the prefix length (PEFT gives real
-tokens positions P..P+L-1; checkpoints trained that way keep their meaning).
+function reads the layer's bank from the state's *current selection* and calls
+:func:`peft_kernels.prefix_attention`; the mask function hands it the 2-D ``[B, Lk]`` padding
+mask, so nothing ``Lq x Lk`` is materialised. A pre-hook on the model's backbone shifts position
+ids by the selection's offset (PEFT gives real tokens positions P..P+L-1; checkpoints trained
+that way keep their meaning).
+
+The selection is per call, not per module: :meth:`PrefixState.use` sets it in a
+``contextvars.ContextVar``, so two threads running one model with different prefixes each see
+their own, and a call outside any ``use`` block runs without a prefix.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import prefix_attention
+from .ops import prefix_attention
 
 NAME = "peft_prefix"
 STATE_ATTR = "peft_prefix_state"
@@ -34,8 +41,8 @@ class LayerPrefix:
 
 
 @dataclass
-class PrefixState:
-    """The prefixes of every layer for the current batch, and which entry each row uses.
+class PrefixSelection:
+    """The prefixes of every layer for one call, and which entry each row uses.
 
     Semantics: ``layers[layer_idx]`` is that layer's bank (absent: no prefix there); ``index``
     [B] picks each row's entry (-1 none; None: T == 1 or T == B); ``position_offset`` (an int
@@ -47,20 +54,85 @@ class PrefixState:
     position_offset: Union[int, Tensor] = 0
 
 
-def _sdpa_fallback(query, key, value, bank_k, bank_v, index, lens, mask4, dropout, scaling):
-    """Concatenate the rows' prefixes and run SDPA: for 4-D masks and attention dropout."""
-    B, Hq, Lq, D = query.shape
-    Hkv, P = key.shape[1], bank_k.shape[2]
-    rows = torch.zeros(B, dtype=torch.long, device=query.device) if index is None and bank_k.shape[0] == 1 else (
-        torch.arange(B, device=query.device) if index is None else index.long())
-    visible = (rows >= 0)[:, None] & (torch.arange(P, device=query.device)[None] <
-                                       (P if lens is None else lens.long()[rows.clamp(min=0)][:, None]))
-    if mask4.dtype != torch.bool:
-        mask4 = mask4 > torch.finfo(mask4.dtype).min / 2
-    mask = torch.cat([visible[:, None, None, :].expand(B, 1, Lq, P), mask4.expand(B, 1, Lq, -1)], dim=-1)
-    k_all = torch.cat([bank_k[rows.clamp(min=0)], key], dim=2).repeat_interleave(Hq // Hkv, dim=1)
-    v_all = torch.cat([bank_v[rows.clamp(min=0)], value], dim=2).repeat_interleave(Hq // Hkv, dim=1)
-    return F.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, dropout_p=dropout, scale=scaling)
+NO_PREFIX = PrefixSelection()
+
+
+class PrefixState:
+    """Where a model's attention modules look for the current call's :class:`PrefixSelection`.
+
+    Semantics: :meth:`current` is the selection of the innermost :meth:`use` block of this
+    thread / async context (``NO_PREFIX`` outside any block), so concurrent calls never see
+    each other's prefixes and nothing lingers after a call.
+    """
+
+    def __init__(self):
+        self._current: contextvars.ContextVar[PrefixSelection] = contextvars.ContextVar(
+            f"peft_prefix_selection_{id(self)}", default=NO_PREFIX)
+
+    def __getstate__(self) -> dict:  # copies and pickles never carry a call's selection
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def current(self) -> PrefixSelection:
+        return self._current.get()
+
+    @contextlib.contextmanager
+    def use(self, selection: PrefixSelection) -> Iterator[PrefixSelection]:
+        token = self._current.set(selection)
+        try:
+            yield selection
+        finally:
+            self._current.reset(token)
+
+
+def sequence_mask(key_padding_mask: Optional[Tensor], B: int, Lq: int, Lk: int, causal: bool, device) -> Tensor:
+    """``[B, 1, Lq, Lk]`` bool, True = query i may attend sequence key j (the op's contract:
+    ``key_padding_mask`` [B, >= Lk] real keys, causal bottom-right aligned)."""
+    visible = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
+    if key_padding_mask is not None:
+        visible &= key_padding_mask[:, None, None, -Lk:].to(torch.bool)
+    if causal:
+        visible &= (torch.arange(Lk, device=device)[None] <= torch.arange(Lq, device=device)[:, None] + Lk - Lq)
+    return visible
+
+
+def row_index(index: Optional[Tensor], T: int, B: int, device) -> Tensor:
+    """Per-row bank index as int64 [B] (``None``: entry 0 for every row when T == 1, else row b -> b)."""
+    if index is not None:
+        return index.to(device=device, dtype=torch.long)
+    if T == 1:
+        return torch.zeros(B, dtype=torch.long, device=device)
+    return torch.arange(B, dtype=torch.long, device=device)
+
+
+def cat_sdpa(query: Tensor, key: Tensor, value: Tensor, bank_k: Tensor, bank_v: Tensor, index: Optional[Tensor],
+             lens: Optional[Tensor], mask: Tensor, dropout: float = 0.0, scaling: Optional[float] = None) -> Tensor:
+    """Prefix attention the way it is done without this library: copy each row's prefix in
+    front of its K/V, and run SDPA (``enable_gqa``) with an explicit boolean mask.
+
+    Shapes: query [B, Hq, Lq, D]; key, value [B, Hkv, Lk, D]; bank_k, bank_v [T, Hkv, P, D];
+    index [B] or None; lens [T] or None; mask [B, 1, Lq, Lk] over the sequence keys (bool, or
+    an additive float mask; the prefix part is built here) or [B, 1, Lq, P + Lk] over
+    [prefix ; sequence] (bool, used as is); returns [B, Hq, Lq, D].
+    Semantics: the op's contract, through torch's SDPA, differentiable; serves attention
+    dropout and arbitrary 4-D masks in models, and is the benchmark baseline. A query with no
+    visible key gets NaN from SDPA where the op returns 0.
+    """
+    B, Hq, Lq, _ = query.shape
+    Hkv, P, Lk = key.shape[1], bank_k.shape[2], key.shape[2]
+    rows = row_index(index, bank_k.shape[0], B, query.device)
+    if mask.shape[-1] != P + Lk:
+        slot = torch.arange(P, device=query.device)[None]
+        visible = (rows >= 0)[:, None] & (slot < (P if lens is None else lens.long()[rows.clamp(min=0)][:, None]))
+        if mask.dtype != torch.bool:
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        mask = torch.cat([visible[:, None, None, :].expand(B, 1, Lq, P), mask.expand(B, 1, Lq, -1)], dim=-1)
+    k_all = torch.cat([bank_k[rows.clamp(min=0)], key], dim=2)  # the per-row copy
+    v_all = torch.cat([bank_v[rows.clamp(min=0)], value], dim=2)
+    return F.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                          enable_gqa=Hq != Hkv)
 
 
 def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -71,39 +143,31 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     Shapes: query [B, Hq, Lq, D]; key, value [B, Hkv, Lk, D] (after the cache update);
     attention_mask [B, Lk] bool (from :func:`prefix_mask`), None, or a 4-D mask. Returns
     ([B, Lq, Hq, D], None).
-    Semantics: the layer's prefix (if any) is attended before the keys, masked per row;
-    causal unless the module says otherwise. Layers without a prefix run the same op with
-    every row's prefix switched off.
+    Semantics: the layer's prefix of the current call (if any) is attended before the keys,
+    masked per row; causal unless the module says otherwise. Without a prefix for this layer
+    it is plain attention through the same op.
     """
     state: Optional[PrefixState] = getattr(module, STATE_ATTR, None)
-    layer = state.layers.get(getattr(module, LAYER_ATTR, 0)) if state is not None else None
+    selection = state.current() if state is not None else NO_PREFIX
+    layer = selection.layers.get(getattr(module, LAYER_ATTR, 0))
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     B, Hkv, Lk, D = key.shape
     if layer is None:
         bank_k = bank_v = key.new_zeros(1, Hkv, 1, D)
         index, lens = torch.full((B,), -1, dtype=torch.int32, device=key.device), None
     else:
-        bank_k, bank_v, lens, index = layer.key.to(key.dtype), layer.value.to(key.dtype), layer.lens, state.index
+        bank_k, bank_v, lens, index = layer.key.to(key.dtype), layer.value.to(key.dtype), layer.lens, selection.index
     dropout = dropout if module.training else 0.0
     if (attention_mask is not None and attention_mask.dim() == 4) or dropout > 0:
         mask4 = attention_mask
         if mask4 is None or mask4.dim() != 4:
-            mask4 = _as_4d(attention_mask, B, query.shape[2], Lk, causal, key.device)
-        out = _sdpa_fallback(query, key, value, bank_k, bank_v, index, lens, mask4, dropout, scaling)
+            mask4 = sequence_mask(attention_mask, B, query.shape[2], Lk, causal, key.device)
+        out = cat_sdpa(query, key, value, bank_k, bank_v, index, lens, mask4, dropout, scaling)
     else:
         kpm = None if attention_mask is None else attention_mask[:, -Lk:].to(torch.bool)
         out = prefix_attention(query, key, value, bank_k, bank_v, prefix_index=index, prefix_lens=lens,
                                key_padding_mask=kpm, causal=causal, softmax_scale=scaling, validate=False)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _as_4d(mask2: Optional[Tensor], B: int, Lq: int, Lk: int, causal: bool, device) -> Tensor:
-    visible = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
-    if mask2 is not None:
-        visible &= mask2[:, None, None, -Lk:].to(torch.bool)
-    if causal:
-        visible &= (torch.arange(Lk, device=device)[None] <= torch.arange(Lq, device=device)[:, None] + Lk - Lq)
-    return visible
 
 
 def prefix_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -136,7 +200,7 @@ def register() -> None:
 
 def _offset_positions(state: PrefixState):
     def hook(module, args, kwargs):
-        offset = state.position_offset
+        offset = state.current().position_offset
         if isinstance(offset, int) and offset == 0:
             return None
         tokens = kwargs.get("input_ids", args[0] if args else None)
@@ -155,7 +219,7 @@ def _offset_positions(state: PrefixState):
     return hook
 
 
-def _attention_modules(model: nn.Module) -> dict[nn.Module, int]:
+def attention_modules(model: nn.Module) -> dict[nn.Module, int]:
     """{attention module: its layer index}: modules with ``layer_idx`` (decoders, BERT), else
     modules whose class name ends in "Attention", indexed by the layer number in their name (ViT)."""
     found = {m: m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)}
@@ -172,15 +236,16 @@ def attach(model: nn.Module, state: PrefixState) -> "Attachment":
     """Route ``model``'s attention through ``"peft_prefix"`` reading ``state``.
 
     Semantics: every attention module gets ``state`` and its layer index; when the backbone
-    (``model.base_model``) takes ``position_ids``, a pre-hook adds ``state.position_offset`` to
-    them (models with learned patch positions, like ViT, keep theirs). ``detach()`` on the
-    result restores the previous attention implementation exactly.
+    (``model.base_model``) takes ``position_ids``, a pre-hook adds the current selection's
+    ``position_offset`` to them (models with learned patch positions, like ViT, keep theirs).
+    ``detach()`` on the result restores the previous attention implementation exactly.
     """
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if not modules:
+        model.set_attn_implementation(previous)
         raise ValueError(f"no attention modules found in {type(model).__name__}: prefix attention cannot attach")
     for module, layer in modules.items():
         setattr(module, STATE_ATTR, state)
@@ -194,6 +259,8 @@ def attach(model: nn.Module, state: PrefixState) -> "Attachment":
 
 @dataclass
 class Attachment:
+    """What :func:`attach` changed on a model; :meth:`detach` undoes it."""
+
     model: nn.Module
     previous: str
     modules: list
