@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         from ._info import format_info, info
 
-        data = info()
+        from .ops._dispatch import BackendUnavailableError
+
+        try:
+            data = info()
+        except BackendUnavailableError as exc:
+            print(f"peft_kernels info: {exc}", file=sys.stderr)
+            return 2
         print(json.dumps(data, indent=2, default=str) if args.json else format_info(data))
         return 0
     if args.command == "bench":

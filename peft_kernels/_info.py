@@ -32,6 +32,7 @@ def info() -> dict:
             "torch.version.cuda": torch.version.cuda or "none (CPU build)",
         },
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads), no CUDA device",
+        "forced_backend": _dispatch.forced_backend(),  # raises BackendUnavailableError naming a bogus value
         "backends": {dev: _dispatch.status(dev) for dev in ("cpu", "cuda")},
         "kernels": {name: _dispatch.ops_of(name) for name in _dispatch.BACKENDS},
         "triton_load_errors": dict(triton_kernels.LOAD_ERRORS),
@@ -45,7 +46,10 @@ def info() -> dict:
 def format_info(data: dict) -> str:
     lines = ["peft_kernels info", "", "versions:"]
     lines += [f"  {k:<20} {v}" for k, v in data["versions"].items()]
-    lines += ["", f"device: {data['device']}", "", "backends (usable for CPU tensors | CUDA tensors):"]
+    lines += ["", f"device: {data['device']}"]
+    if data.get("forced_backend"):
+        lines.append(f"forced backend: {data['forced_backend']} (PEFT_KERNELS_BACKEND or use_backend)")
+    lines += ["", "backends (usable for CPU tensors | CUDA tensors):"]
     for name in _dispatch.BACKENDS:
         cells = []
         for dev in ("cpu", "cuda"):

@@ -235,11 +235,17 @@ def attention_modules(model: nn.Module) -> dict[nn.Module, int]:
 def attach(model: nn.Module, state: PrefixState) -> "Attachment":
     """Route ``model``'s attention through ``"peft_prefix"`` reading ``state``.
 
-    Semantics: every attention module gets ``state`` and its layer index; when the backbone
+    Semantics: refuses (ValueError) a model whose class does not declare transformers' attention
+    interface support (its attention would silently ignore the prefix); every attention module
+    gets ``state`` and its layer index; when the backbone
     (``model.base_model``) takes ``position_ids``, a pre-hook adds the current selection's
     ``position_offset`` to them (models with learned patch positions, like ViT, keep theirs).
     ``detach()`` on the result restores the previous attention implementation exactly.
     """
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"{type(model).__name__} does not run its attention through transformers' "
+                         "AttentionInterface, so the prefix cannot reach its attention layers: prefix tuning is "
+                         "not supported on this architecture (LoRA and soft prompts are)")
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)

@@ -55,6 +55,10 @@ class MultiAdapterModel(nn.Module):
 
     def __init__(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32, freeze_base: bool = True):
         super().__init__()
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(f"MultiAdapterModel serves decoder-only and encoder-only models; {type(model).__name__} "
+                             "is an encoder-decoder model (its prefixes and prompts would need the encoder and the "
+                             "decoder routed separately), which is not supported")
         self.model = model
         self.adapter_dtype = adapter_dtype
         self.kinds = nn.ModuleDict()
@@ -75,7 +79,7 @@ class MultiAdapterModel(nn.Module):
         """The instance of adapter kind ``peft_type`` in this model (created on first use)."""
         cls = kind_class(peft_type)
         if cls.key not in self.kinds:
-            self.kinds[cls.key] = cls(self)
+            self.kinds[cls.key] = cls(self).train(self.training)
         return self.kinds[cls.key]
 
     def _kind_of(self, name: str) -> AdapterKind:

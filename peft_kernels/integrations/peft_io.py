@@ -125,6 +125,7 @@ def write_adapter_dir(path: Union[str, os.PathLike], config: dict, state: dict[s
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.chmod(tmp / name, 0o666 & ~_umask())
             _fsync(tmp / name)
         _fsync(tmp)
         if root.exists():

@@ -12,6 +12,7 @@ shape it does not support, runs on the next backend in the normal order;
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from dataclasses import dataclass
@@ -23,13 +24,14 @@ from .. import _ext
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
-# Process-wide, not a ContextVar: autograd runs CUDA backward passes on its own device threads,
-# which must see the backend the forward was forced to.
-_forced: list[Optional[str]] = [None]
+# Per thread / async context: two threads forcing different backends never see each other's.
+# Autograd runs CUDA backward passes on its own device threads, so each op's autograd setup
+# records the forward's choice and its backward restores it (see register_autograd).
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("peft_kernels_backend", default=None)
 
 
-class BackendUnavailableError(RuntimeError):
-    """A forced backend cannot run here (not built, not importable, or wrong device)."""
+class BackendUnavailableError(RuntimeError, ValueError):
+    """A forced backend is not a backend, or cannot run here (not built, not importable, or wrong device)."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ def status(device_type: str) -> dict[str, tuple[bool, str]]:
 
 
 def forced_backend() -> Optional[str]:
-    name = _forced[0] or os.environ.get("PEFT_KERNELS_BACKEND") or None
+    """The backend forced for this context (``use_backend``), else by ``PEFT_KERNELS_BACKEND``, else None."""
+    name = _forced.get() or os.environ.get("PEFT_KERNELS_BACKEND") or None
     if name is not None and name not in BACKENDS:
         raise BackendUnavailableError(
             f"PEFT_KERNELS_BACKEND={name!r} is not a backend; choose one of {', '.join(BACKENDS)}"
@@ -118,14 +121,29 @@ def forced_backend() -> Optional[str]:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force ``name`` for every op called inside the block (``None`` restores automatic choice)."""
+    """Force ``name`` for every op called inside the block, in this thread / async context only
+    (``None`` restores automatic choice); the backward of an op keeps its forward's backend."""
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    previous, _forced[0] = _forced[0], name
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    token = _forced.set(name)
     try:
         yield
     finally:
-        _forced[0] = previous
+        _forced.reset(token)
+
+
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd(backward, setup_context=...)`` with the backward run under the backend
+    forced at forward time (autograd may run it on another thread, which has its own context)."""
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.peft_kernels_backend = _forced.get()
+
+    def run_backward(ctx, *grads):
+        with use_backend(getattr(ctx, "peft_kernels_backend", None)):
+            return backward(ctx, *grads)
+
+    op.register_autograd(run_backward, setup_context=setup)
 
 
 def last_backend(op: str) -> Optional[str]:
@@ -157,6 +175,10 @@ def call(op: str, registered: Callable, args: tuple, device: torch.device, diffe
     return select(op, device, *args)[1](*args)
 
 
+def _has_bf16(args: tuple) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args)
+
+
 def select(op: str, device: torch.device, *args) -> tuple[str, Callable]:
     """The backend name and kernel that will run ``op`` on ``args`` (tensors on ``device``)."""
     impls = _KERNELS[op]
@@ -178,6 +200,14 @@ def select(op: str, device: torch.device, *args) -> tuple[str, Callable]:
     for name in order:
         kernel = impls.get(name)
         if kernel is None or not usable[name][0]:
+            continue
+        if name == "triton" and device_type == "cpu" and _has_bf16(args):
+            consulted = True  # the choice depends on the arguments' dtypes: not cached
+            if forced == "triton":
+                raise BackendUnavailableError(
+                    f"backend 'triton' forced for {op} on bfloat16 CPU tensors: the Triton interpreter computes "
+                    "bf16 tl.dot wrongly (a known Triton limitation); use fp32/fp16 under TRITON_INTERPRET=1, "
+                    "or bf16 on a GPU")
             continue
         if kernel.supports is not None:
             consulted = True
