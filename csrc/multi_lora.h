@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 namespace peft_kernels {
 
@@ -78,6 +79,73 @@ inline MultiLoraShape check_multi_lora(const at::Tensor& x, const at::Tensor& lo
   }
   return s;
 }
+
+// ---------------------------------------------------------------- segmented CPU kernels
+// The backward of multi_lora and the split ops lora_shrink / lora_expand (forward and backward) run
+// over rows grouped by adapter (csrc/cpu/multi_lora_segments.cpp); the per-segment micro-kernels are
+// built on at::vec::Vectorized once per instruction set (csrc/cpu/multi_lora_vec_*.cpp).
+enum class SegMode : int {
+  MultiBwd,   // dx, dlora_a, dlora_b of multi_lora
+  ShrinkFwd,  // h = (scaling) * x @ lora_a^T                      [N, R] in the accumulation type
+  ShrinkBwd,  // dx, dlora_a of lora_shrink from grad_h (hin)
+  ExpandFwd,  // y = base + scaling * h @ lora_b^T                 h = hin
+  ExpandBwd,  // dh (hout), dlora_b of lora_expand from grad_y (g) and h (hin)
+};
+
+// Rows order[begin:end] of adapter t (t = -1: rows without an adapter, or of a rank-0 one).
+// part >= 0: the item writes fp32 (fp64) partial weight gradients into slot `part` (summed in slot
+// order afterwards); -1: it holds all of its adapter's rows and writes the weight gradients itself.
+struct SegItem {
+  int64_t t, begin, end, part;
+};
+
+template <typename S>
+struct SegJob {
+  using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+  SegMode mode;
+  const S* x;       // [N, H_in]
+  const S* g;       // [N, H_out] grad_y
+  const S* a;       // [T, R, H_in]
+  const S* b;       // [T, H_out, R]
+  const S* base;    // [N, H_out] or null
+  const acc_t* hin; // [N, R] rank-space input (h, or grad_h); only slots < ranks[t] are read
+  const acc_t* scaling;  // [T], or null (1)
+  const int64_t* rank;   // [T]
+  const int64_t* order;  // row ids grouped by adapter
+  const SegItem* items;
+  S* out;           // [N, H_in] dx, or [N, H_out] y
+  acc_t* hout;      // [N, R] h (ShrinkFwd) or dh (ExpandBwd)
+  S* da;            // [T, R, H_in]
+  S* db;            // [T, H_out, R]
+  acc_t* part_a;    // [P, R, H_in] partial dlora_a
+  acc_t* part_b;    // [P, R, H_out] partial dlora_b, transposed
+  int64_t H_in, H_out, R;
+};
+
+template <typename S>
+using SegProcessFn = void (*)(const SegJob<S>&, int64_t, int64_t);
+// Sum the partial slots [p0, p0 + np) of adapter t into da[t] / db[t] (np == 0: zeros).
+template <typename S>
+using SegFinalizeFn = void (*)(const SegJob<S>&, int64_t, int64_t, int64_t);
+
+#define PK_DECLARE_SEG_KERNELS(NS)                                                  \
+  namespace NS {                                                                    \
+  template <typename S>                                                             \
+  void seg_process(const SegJob<S>& job, int64_t lo, int64_t hi);                   \
+  template <typename S>                                                             \
+  void seg_finalize(const SegJob<S>& job, int64_t t, int64_t p0, int64_t np);       \
+  }
+PK_DECLARE_SEG_KERNELS(vec_default)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+PK_DECLARE_SEG_KERNELS(vec_avx2)
+PK_DECLARE_SEG_KERNELS(vec_avx512)
+#endif
+#undef PK_DECLARE_SEG_KERNELS
+
+// The instruction set the CPU micro-kernels run with: 2 = AVX-512, 1 = AVX2, 0 = baseline. ATen's own
+// choice (at::get_cpu_capability(): cpuinfo, capped by ATEN_CPU_CAPABILITY), capped further by
+// PEFT_KERNELS_CPU_ISA=avx512|avx2|baseline (to test every copy on one machine).
+int cpu_isa_level();
 
 // The instruction set the CPU kernel's micro-kernels run with: "avx512", "avx2" or "baseline".
 const char* multi_lora_cpu_isa();

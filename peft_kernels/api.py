@@ -220,9 +220,9 @@ TABLE = (
     ("VPT shallow", VPTConfig(), _VIT, "10 prompt tokens after CLS + classifier head", "soft_prompt_concat"),
     ("VPT deep", VPTConfig(deep=True), _VIT, "10 prompt tokens per layer + classifier head", "soft_prompt_concat"),
     ("Bottleneck (Houlsby)", BottleneckConfig(), _BERT,
-     "down/up projections + biases after attention and FFN (r=H/16)", "multi_lora"),
+     "down/up projections + biases after attention and FFN (r=H/16)", "lora_shrink+expand"),
     ("Bottleneck (Pfeiffer)", BottleneckConfig(placement="pfeiffer"), _BERT,
-     "down/up projections + biases after the FFN (r=H/16)", "multi_lora"),
+     "down/up projections + biases after the FFN (r=H/16)", "lora_shrink+expand"),
     ("BitFit", BitFitConfig(), _BERT, "every bias + classifier head", "none"),
     ("LayerNorm tuning", LayerNormTuningConfig(), _BERT, "LayerNorm weights and biases + classifier head", "none"),
     ("LayerNorm tuning", LayerNormTuningConfig(), _LLAMA, "RMSNorm weights", "none"),
@@ -255,6 +255,7 @@ def method_table(methods: Optional[Sequence[str]] = None) -> list[dict]:
 _OP_TEXT = {
     "none": "none (plain autograd)",
     "soft_prompt_embed+concat": "`soft_prompt_embed` (`soft_prompt_concat` from embeddings)",
+    "lora_shrink+expand": "`lora_shrink` + `lora_expand`",
 }
 
 

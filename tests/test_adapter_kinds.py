@@ -254,23 +254,14 @@ def test_info_shows_a_forced_backend_and_rejects_a_bogus_one(monkeypatch, capsys
 def test_backward_keeps_the_backend_its_forward_was_forced_to():
     from peft_kernels.ops import _dispatch
 
+    if not _dispatch.status("cpu")["triton"][0]:
+        pytest.skip("the Triton interpreter is not usable here")
     x = torch.randn(6, 8, requires_grad=True)
     a, b = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 8, 4)
-    with pk.use_backend("reference"):
+    with pk.use_backend("triton"):  # never the automatic choice for CPU tensors
         y = pk.multi_lora(x, a, b, torch.tensor([0, 1, -1, 0, 1, 1]), torch.ones(2))
-    seen = []
-    real = _dispatch.select
-
-    def spy(op, device, *args):
-        seen.append((op, _dispatch.forced_backend()))
-        return real(op, device, *args)
-
-    _dispatch.select = spy
-    try:
-        y.sum().backward()
-    finally:
-        _dispatch.select = real
-    assert ("multi_lora_backward", "reference") in seen
+    y.sum().backward()  # outside the block
+    assert pk.last_backend("multi_lora_backward") == "triton"
 
 
 def test_architectures_whose_attention_bypasses_the_interface_refuse_prefixes():

@@ -1,17 +1,20 @@
-// CPU kernel of multi_lora_fwd (C++, OpenMP).
+// CPU kernel of multi_lora_fwd (C++, at::parallel_for).
 //
 // On the host (no sync cost on a CPU): read the per-row adapter, counting-sort the rows by adapter,
 // and cut each adapter's rows into blocks (work items); rows without an adapter (-1, or rank 0)
-// become copy items. Items are split into contiguous, cost-balanced ranges, one per OpenMP thread
-// (one thread when the call is small). A thread packs each adapter it meets once (see
+// become copy items. Items are split into contiguous, cost-balanced ranges, one per thread of
+// at::parallel_for (one thread when the call is small). A thread packs each adapter it meets once (see
 // multi_lora_kernels.inc), then per block of rows: shrink into fp32 rank space, scale, expand
 // fused with the base add, and store each output row once in x's dtype.
 //
-// The micro-kernels are compiled three times: AVX-512, AVX2+FMA+F16C and the baseline ISA; the
-// best one the CPU supports is picked at run time (PEFT_KERNELS_CPU_ISA=avx512|avx2|baseline
-// forces one, e.g. to test them all on one machine).
+// The micro-kernels are compiled three times: AVX-512, AVX2+FMA+F16C and the baseline ISA; ATen's
+// capability picks one at run time (cpu_isa_level(): PEFT_KERNELS_CPU_ISA=avx512|avx2|baseline caps
+// it, e.g. to test them all on one machine). They are hand-written (GCC vector extensions and
+// AVX-512 intrinsics: in-register transposes, masked loads of the first r rank slots, prefetch of
+// the next adapter) rather than at::vec::Vectorized, which has none of those.
 #include "../multi_lora.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -30,10 +33,6 @@
 #include <immintrin.h>
 #else
 #define PK_X86_DISPATCH 0
-#endif
-
-#ifdef _OPENMP
-#include <omp.h>
 #endif
 
 namespace peft_kernels {
@@ -109,28 +108,7 @@ struct LoraJob {
 // ---------------------------------------------------------------- ISA choice
 enum class Isa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 
-Isa detect_isa() {
-#if PK_X86_DISPATCH
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  Isa best = avx512 ? Isa::Avx512 : avx2 ? Isa::Avx2 : Isa::Baseline;
-#else
-  Isa best = Isa::Baseline;
-#endif
-  if (const char* forced = std::getenv("PEFT_KERNELS_CPU_ISA")) {
-    const std::string name = forced;
-    const Isa want = name == "avx512" ? Isa::Avx512 : name == "avx2" ? Isa::Avx2 : Isa::Baseline;
-    if (static_cast<int>(want) < static_cast<int>(best)) best = want;  // never above what the CPU has
-  }
-  return best;
-}
-
-Isa cpu_isa() {
-  static const Isa isa = detect_isa();
-  return isa;
-}
+Isa cpu_isa() { return static_cast<Isa>(cpu_isa_level()); }
 
 template <typename S>
 using ProcessFn = void (*)(const LoraJob<S>&, int64_t, int64_t);
@@ -242,17 +220,15 @@ void run(const MultiLoraShape& s, const at::Tensor& x, const at::Tensor& a, cons
   const ProcessFn<S> process = process_fn<S>();
   const int64_t n_items = static_cast<int64_t>(items.size());
 
-  int64_t threads = 1;
-#ifdef _OPENMP
-  if (!omp_in_parallel())
-    threads = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n_items,
-                                 std::max<int64_t>(1, total / kMinCostPerThread)});
-#endif
+  const int64_t threads = at::in_parallel_region()
+                              ? 1
+                              : std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n_items,
+                                                   std::max<int64_t>(1, total / kMinCostPerThread)});
   if (threads <= 1) {
     process(job, 0, n_items);
     return;
   }
-  // Contiguous item ranges of about equal cost: thread p runs items [split[p], split[p + 1]).
+  // Contiguous item ranges of about equal cost: range p is items [split[p], split[p + 1]).
   std::vector<int64_t> split(threads + 1, n_items);
   split[0] = 0;
   int64_t acc = 0, p = 1;
@@ -260,14 +236,10 @@ void run(const MultiLoraShape& s, const at::Tensor& x, const at::Tensor& a, cons
     acc += cost[w];
     while (p < threads && acc * threads >= total * p) split[p++] = w + 1;
   }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(static_cast<int>(threads))
-  {
-    // If the runtime grants fewer threads than asked, each one takes several ranges.
-    for (int64_t q = omp_get_thread_num(); q < threads; q += omp_get_num_threads())
-      process(job, split[q], split[q + 1]);
-  }
-#endif
+  // If fewer threads run than asked, each one takes several ranges.
+  at::parallel_for(0, threads, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) process(job, split[q], split[q + 1]);
+  });
 }
 
 }  // namespace
@@ -290,13 +262,9 @@ at::Tensor multi_lora_fwd_cpu(const at::Tensor& x, const at::Tensor& lora_a, con
   const at::Tensor xc = x.contiguous(), ac = lora_a.contiguous(), bc = lora_b.contiguous();
   const std::optional<at::Tensor> basec =
       base.has_value() ? std::optional<at::Tensor>(base->contiguous()) : std::nullopt;
-  switch (x.scalar_type()) {
-    case at::kFloat: run<float>(s, xc, ac, bc, adapter_index, scaling, ranks, basec, out); break;
-    case at::kDouble: run<double>(s, xc, ac, bc, adapter_index, scaling, ranks, basec, out); break;
-    case at::kHalf: run<c10::Half>(s, xc, ac, bc, adapter_index, scaling, ranks, basec, out); break;
-    case at::kBFloat16: run<c10::BFloat16>(s, xc, ac, bc, adapter_index, scaling, ranks, basec, out); break;
-    default: TORCH_CHECK(false, "multi_lora_fwd: unsupported dtype ", x.scalar_type());
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_fwd", [&] {
+    run<scalar_t>(s, xc, ac, bc, adapter_index, scaling, ranks, basec, out);
+  });
   return out;
 }
 

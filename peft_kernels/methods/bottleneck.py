@@ -1,4 +1,4 @@
-"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021), many per batch, on ``multi_lora``.
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021), many per batch, on ``lora_shrink`` / ``lora_expand``.
 
 An adapter is a small residual MLP applied to the output ``x [.., H]`` of a sub-layer:
 
@@ -8,16 +8,16 @@ with ``W_down [r, H]``, ``W_up [H, r]`` and ``W_up``/``b_up`` zero-initialised, 
 the identity. Houlsby places one after the attention block and one after the feed-forward block of
 every layer; Pfeiffer only after the feed-forward block.
 
-Kernels: both projections run on the ``multi_lora`` op, so a batch whose rows use different
+Kernels: the two projections are the two halves of LoRA's kernel, ``lora_shrink`` (x -> rank space)
+and ``lora_expand`` (rank space -> x's width, onto a base), so a batch whose rows use different
 adapters (of different bottleneck sizes, or none) is one call per projection, forward and backward:
 
-    h   = multi_lora(x, W_down, I, index, 1, ranks=r)                  # [N, R]: W_down[t] x, zero beyond r_t
-    out = multi_lora(act(h + b_down[t]), I, W_up, index, scaling, ranks=r, base=x + scaling[t] b_up[t])
+    h   = lora_shrink(x, W_down, index, ranks=r)                                # [N, R] fp32, 0 beyond r_t
+    out = lora_expand(act(h + b_down[t]), W_up, index, scaling, ranks=r, base=x + scaling[t] b_up[t])
 
-``I`` is an identity bank ``[T, R, R]`` (a non-trained buffer); the rank mask makes the padding of
-smaller adapters cost nothing and read nothing, and rows with index ``-1`` get ``base = x``: they
-pass through unchanged. The per-row bias gathers read a bias table with one extra zero row, which
-index ``-1`` selects.
+The rank mask makes the padding of smaller adapters cost nothing and read nothing, and rows with
+index ``-1`` get ``base = x``: they pass through unchanged. The per-row bias gathers read a bias
+table with one extra zero row, which index ``-1`` selects.
 
 Placement (forward hooks on existing modules, no model code copied; :data:`FAMILIES`):
 
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import multi_lora
+from ..ops import lora_expand, lora_shrink
 from .lora import AdapterRouting
 from .selection import name_matches, per_row
 
@@ -141,7 +141,8 @@ class BottleneckBank(nn.Module):
     site), ``scaling`` [T] fp32. ``forward(x [B, ..., H], index [B])`` -> [B, ..., H].
     Semantics: row b with slot t = index[b] >= 0 gets ``x + s_t (W_up act_t(W_down x + b_down) + b_up)``
     (first ranks[t] slots only); rows with -1, and slots of rank 0, get x exactly. Weights are
-    kept in the bank's dtype; x is cast to it and the result back. ``index`` must be validated by
+    kept in the bank's dtype; x is cast to it and the result back; the bottleneck activations are
+    fp32 (fp64 for an fp64 bank). ``index`` must be validated by
     the caller (the ops run with ``validate=False``).
     """
 
@@ -155,8 +156,6 @@ class BottleneckBank(nn.Module):
         self.up_bias = nn.Parameter(torch.zeros(0, hidden, **kw))
         self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32, device=device))
         self.register_buffer("scaling", torch.zeros(0, dtype=torch.float32, device=device))
-        self.register_buffer("eye", torch.zeros(0, 0, 0, **kw), persistent=False)  # identity bank [T, R, R]
-        self.register_buffer("ones", torch.zeros(0, dtype=torch.float32, device=device), persistent=False)
         self.register_buffer("kind", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
         self.activations: list[str] = []
         self._ranks: list[int] = []  # host copy of ranks: no device reads in forward
@@ -173,9 +172,6 @@ class BottleneckBank(nn.Module):
         self.up = nn.Parameter(up.contiguous(), requires_grad=grad)
         self.up_bias = nn.Parameter(up_bias.contiguous(), requires_grad=grad)
         self.ranks, self.scaling = ranks, scaling
-        T, R = down.shape[0], down.shape[1]
-        self.eye = torch.eye(R, dtype=down.dtype, device=down.device).expand(T, R, R).contiguous()
-        self.ones = torch.ones(T, dtype=torch.float32, device=down.device)
 
     def _refresh(self) -> None:
         self._kinds = sorted({a for a, r in zip(self.activations, self._ranks) if r})
@@ -252,10 +248,10 @@ class BottleneckBank(nn.Module):
         down_bias = torch.cat([self.down_bias * live, self.down_bias.new_zeros(1, R)])[rows]  # [B, R]
         up_bias = torch.cat([self.up_bias * (live * self.scaling.to(live)[:, None]), self.up_bias.new_zeros(1, H)])[rows]
         x2 = xf.reshape(B * L, H)
-        h = multi_lora(x2, self.down, self.eye, token_index, self.ones, ranks=self.ranks, validate=False)  # [B*L, R]
+        h = lora_shrink(x2, self.down, token_index, ranks=self.ranks, validate=False)  # [B*L, R] fp32, 0 beyond r_t
         a = self._activate((h.view(B, L, R) + down_bias[:, None, :]).view(B * L, R), token_index)
         base = (xf + up_bias[:, None, :]).reshape(B * L, H)
-        out = multi_lora(a, self.eye, self.up, token_index, self.scaling, ranks=self.ranks, base=base, validate=False)
+        out = lora_expand(a, self.up, token_index, self.scaling, ranks=self.ranks, base=base, validate=False)
         return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -266,37 +262,27 @@ def _bank_key(module_name: str) -> str:
     return module_name.replace(".", "__")
 
 
-class BottleneckAdapterModel(nn.Module):
-    """A transformers model with bottleneck adapters; rows of one batch may use different adapters.
+class BottleneckSites(nn.Module):
+    """The bottleneck adapters of one model: a :class:`BottleneckBank` and a forward hook per
+    site, one slot per adapter in every bank, routed by a shared :class:`AdapterRouting`.
 
-    Shapes: ``forward(*args, adapter_names=..., **kwargs)`` runs the wrapped model unchanged in its
-    inputs and outputs (``input_ids`` [B, L], ``pixel_values`` [B, ...], ...); the first tensor
-    argument sets the batch size B.
-    Semantics: ``adapter_names`` is a name or None per row (None = the base model for that row), one
-    name for every row, or None = the only adapter loaded. The per-row slot index is built and checked
-    once per batch (:class:`AdapterRouting`), then every hooked site calls the ops with
-    ``validate=False``. In train mode each adapter gets exactly the gradient of its own rows.
-    The constructor freezes the base model (flags restored by :meth:`remove`); adapter weights are
-    kept in ``adapter_dtype`` (fp32 by default).
+    Semantics: hooks apply the current call's routing (``routing.use(index)``; outside a ``use``
+    block, or with index None, every site is the identity). The model is referenced, not owned
+    (its parameters are not this module's). ``configs[name]`` holds each adapter's settings.
     """
 
     def __init__(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.model = model
+        object.__setattr__(self, "model", model)
         self.adapter_dtype = adapter_dtype
         self.routing = AdapterRouting()
         self.banks = nn.ModuleDict()
         self.configs: dict[str, dict] = {}
         self._sites: dict[str, str] = {}  # bank key -> module name
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._saved_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-
-    # ------------------------------------------------------------------ adapters
 
     @property
-    def adapters(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self.routing.names)
 
     def _device(self):
@@ -315,28 +301,11 @@ class BottleneckAdapterModel(nn.Module):
 
         return hook
 
-    def add_adapter(
-        self,
-        name: str,
-        r: Optional[int] = None,
-        *,
-        reduction_factor: int = 16,
-        placement: str = "houlsby",
-        non_linearity: str = "relu",
-        scaling: float = 1.0,
-        attn_modules: ModuleSpec = None,
-        ffn_modules: ModuleSpec = None,
-        init_weights: bool = True,
-        generator: Optional[torch.Generator] = None,
-    ) -> None:
-        """Add a trainable adapter.
-
-        Semantics: bottleneck size ``r`` (default ``hidden // reduction_factor``, at least 1);
-        ``placement`` "houlsby" (after attention and after the feed-forward block) or "pfeiffer"
-        (after the feed-forward block only); sites found by :func:`find_sites`. Init: ``W_down``
-        as ``nn.Linear`` (kaiming-uniform), biases 0, ``W_up`` 0 (the adapter starts as the
-        identity); ``init_weights=False`` draws ``W_up`` and both biases at random too (tests).
-        """
+    def add(self, name: str, r: Optional[int] = None, *, reduction_factor: int = 16, placement: str = "houlsby",
+            non_linearity: str = "relu", scaling: float = 1.0, attn_modules: ModuleSpec = None,
+            ffn_modules: ModuleSpec = None, init_weights: bool = True,
+            generator: Optional[torch.Generator] = None) -> dict:
+        """Add a trainable adapter (see :meth:`BottleneckAdapterModel.add_adapter`); returns its settings."""
         if not name or not isinstance(name, str):
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         if name in self.configs:
@@ -348,7 +317,7 @@ class BottleneckAdapterModel(nn.Module):
         widths = {m: _output_width(self.model, self.model.get_submodule(m)) for m in targets}
         if r is None:
             r = max(1, min(widths.values()) // int(reduction_factor))
-        if not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"bottleneck size r must be an int >= 1, got {r!r}")
         device = self._device()
         for module_name in targets:  # new sites: a bank with rank-0 slots for the adapters already there
@@ -378,22 +347,24 @@ class BottleneckAdapterModel(nn.Module):
         self.routing.names.append(name)
         self.configs[name] = dict(r=r, placement=placement, non_linearity=non_linearity, scaling=float(scaling),
                                   modules=targets)
+        return self.configs[name]
 
-    def unload_adapter(self, name: str) -> None:
-        """Remove an adapter's slot from every site (banks and hooks stay; other adapters are unchanged)."""
+    def _known(self, name: str) -> int:
         if name not in self.configs:
-            raise ValueError(f"unknown adapter {name!r}; loaded: {self.adapters}")
-        slot = self.routing.names.index(name)
+            raise ValueError(f"unknown adapter {name!r}; loaded: {self.names}")
+        return self.routing.names.index(name)
+
+    def remove(self, name: str) -> None:
+        """Remove an adapter's slot from every site (banks and hooks stay; other adapters are unchanged)."""
+        slot = self._known(name)
         for bank in self.banks.values():
             bank.remove_slot(slot)
         self.routing.names.remove(name)
         del self.configs[name]
 
-    def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
+    def state_of(self, name: str) -> dict[str, Tensor]:
         """One adapter's weights: ``{"<module>.down" [r, H], ".down_bias" [r], ".up" [H, r], ".up_bias" [H]}``."""
-        if name not in self.configs:
-            raise ValueError(f"unknown adapter {name!r}; loaded: {self.adapters}")
-        slot = self.routing.names.index(name)
+        slot = self._known(name)
         state = {}
         for key, bank in self.banks.items():
             if bank._ranks[slot]:
@@ -402,31 +373,102 @@ class BottleneckAdapterModel(nn.Module):
         return state
 
     @torch.no_grad()
-    def load_adapter_state_dict(self, name: str, state: dict[str, Tensor]) -> None:
-        """Copy :meth:`adapter_state_dict` output into an adapter of the same configuration (exact keys)."""
-        want = set(self.adapter_state_dict(name))
-        if set(state) != want:
-            raise ValueError(f"adapter {name!r} state keys differ: missing {sorted(want - set(state))}, "
-                             f"unexpected {sorted(set(state) - want)}")
+    def load_state(self, name: str, state: dict[str, Tensor]) -> None:
+        """Copy :meth:`state_of` output into an adapter of the same configuration (exact keys, all
+        shapes checked before anything is copied)."""
+        want = self.state_of(name)
+        if set(state) != set(want):
+            raise ValueError(f"adapter {name!r} state keys differ: missing {sorted(set(want) - set(state))}, "
+                             f"unexpected {sorted(set(state) - set(want))}")
+        for key, w in want.items():
+            if state[key].shape != w.shape:
+                raise ValueError(f"{key} is {list(state[key].shape)}, adapter {name!r} needs {list(w.shape)}")
         slot = self.routing.names.index(name)
         for key, bank in self.banks.items():
             if bank._ranks[slot]:
                 for part, w in zip(("down", "down_bias", "up", "up_bias"), bank.weights(slot)):
-                    src = state[f"{self._sites[key]}.{part}"]
-                    if src.shape != w.shape:
-                        raise ValueError(f"{self._sites[key]}.{part} is {list(src.shape)}, adapter {name!r} "
-                                         f"needs {list(w.shape)}")
-                    w.copy_(src)
+                    w.copy_(state[f"{self._sites[key]}.{part}"])
 
-    # ------------------------------------------------------------------ batches
-
-    def adapter_index(self, adapter_names, rows: int, device=None) -> Optional[Tensor]:
-        """The batch's slot index [rows] int32 (-1 = base model), or None when no row uses an adapter."""
-        names = per_row(adapter_names, rows, self.routing.names)
+    def index(self, names: Sequence[Optional[str]], device=None) -> Optional[Tensor]:
+        """Slot index [rows] int32 (-1 = base model) of per-row names, or None when no row uses an adapter."""
         slots = [-1 if n is None else self.routing.names.index(n) for n in names]
         if max(slots, default=-1) < 0:
             return None
         return torch.tensor(slots, dtype=torch.int32, device=device or self._device())
+
+    def detach(self) -> None:
+        """Take every hook off (idempotent)."""
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles = {}
+
+
+class BottleneckAdapterModel(nn.Module):
+    """A transformers model with bottleneck adapters; rows of one batch may use different adapters.
+
+    Shapes: ``forward(*args, adapter_names=..., **kwargs)`` runs the wrapped model unchanged in its
+    inputs and outputs (``input_ids`` [B, L], ``pixel_values`` [B, ...], ...); the first tensor
+    argument sets the batch size B.
+    Semantics: ``adapter_names`` is a name or None per row (None = the base model for that row), one
+    name for every row, or None = the only adapter loaded. The per-row slot index is built and checked
+    once per call (:class:`AdapterRouting`, kept in the call), then every hooked site calls the ops
+    with ``validate=False``. In train mode each adapter gets exactly the gradient of its own rows.
+    The constructor freezes the base model (flags restored by :meth:`remove`); adapter weights are
+    kept in ``adapter_dtype`` (fp32 by default).
+    """
+
+    def __init__(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model
+        self.sites = BottleneckSites(model, adapter_dtype)
+        self._saved_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.sites.names
+
+    @property
+    def routing(self) -> AdapterRouting:
+        return self.sites.routing
+
+    @property
+    def banks(self) -> nn.ModuleDict:
+        return self.sites.banks
+
+    @property
+    def configs(self) -> dict[str, dict]:
+        return self.sites.configs
+
+    def add_adapter(self, name: str, r: Optional[int] = None, **kwargs) -> None:
+        """Add a trainable adapter.
+
+        Semantics: bottleneck size ``r`` (default ``hidden // reduction_factor``, at least 1);
+        ``placement`` "houlsby" (after attention and after the feed-forward block) or "pfeiffer"
+        (after the feed-forward block only); sites found by :func:`find_sites`
+        (``attn_modules``/``ffn_modules`` override). Init: ``W_down`` as ``nn.Linear``
+        (kaiming-uniform), biases 0, ``W_up`` 0 (the adapter starts as the identity);
+        ``init_weights=False`` draws ``W_up`` and both biases at random too (tests).
+        Other keywords: ``reduction_factor``, ``non_linearity``, ``scaling``, ``generator``.
+        """
+        self.sites.add(name, r, **kwargs)
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove an adapter's slot from every site (other adapters are unchanged)."""
+        self.sites.remove(name)
+
+    def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
+        """One adapter's weights: ``{"<module>.down" [r, H], ".down_bias" [r], ".up" [H, r], ".up_bias" [H]}``."""
+        return self.sites.state_of(name)
+
+    def load_adapter_state_dict(self, name: str, state: dict[str, Tensor]) -> None:
+        """Copy :meth:`adapter_state_dict` output into an adapter of the same configuration (exact keys)."""
+        self.sites.load_state(name, state)
+
+    def adapter_index(self, adapter_names, rows: int, device=None) -> Optional[Tensor]:
+        """The batch's slot index [rows] int32 (-1 = base model), or None when no row uses an adapter."""
+        return self.sites.index(per_row(adapter_names, rows, self.sites.names), device)
 
     @contextlib.contextmanager
     def use(self, adapter_names, rows: int) -> Iterator[None]:
@@ -454,13 +496,9 @@ class BottleneckAdapterModel(nn.Module):
         with self.use(adapter_names, input_ids.shape[0]):
             return self.model.generate(input_ids=input_ids, **kwargs)
 
-    # ------------------------------------------------------------------ teardown
-
     def remove(self) -> None:
         """Take every hook off and restore the base model's ``requires_grad`` flags (idempotent)."""
-        for handle in self._handles.values():
-            handle.remove()
-        self._handles = {}
+        self.sites.detach()
         for name, p in self.model.named_parameters():
             if name in self._saved_requires_grad:
                 p.requires_grad_(self._saved_requires_grad[name])
@@ -468,10 +506,3 @@ class BottleneckAdapterModel(nn.Module):
     def unwrap(self) -> nn.Module:
         self.remove()
         return self.model
-
-
-def apply_bottleneck(model: nn.Module, name: str = "default", **adapter_kwargs) -> BottleneckAdapterModel:
-    """Wrap ``model`` (freezing it) and add one adapter; see :meth:`BottleneckAdapterModel.add_adapter`."""
-    wrapped = BottleneckAdapterModel(model)
-    wrapped.add_adapter(name, **adapter_kwargs)
-    return wrapped

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as C
-from ._dispatch import call, register, register_native, select
+from ._dispatch import call, register_autograd, register, register_native, select
 
 
 @torch.library.custom_op("peft_kernels::multi_lora", mutates_args=())
@@ -57,7 +57,7 @@ def _backward(ctx, grad):
     return dx, da, db, None, None, None, dbase
 
 
-_lora_op.register_autograd(_backward, setup_context=_setup)
+register_autograd(_lora_op, _backward, _setup)
 
 register("multi_lora", "reference", reference.multi_lora)
 register("multi_lora_backward", "reference", reference.multi_lora_backward)
@@ -72,6 +72,22 @@ def _native_supports(x, *args) -> Optional[str]:
 
 
 register_native("multi_lora", "multi_lora_fwd", supports=_native_supports)
+register_native("multi_lora_backward", "multi_lora_bwd")
+
+
+def _register_native_fakes() -> None:
+    """Shape functions of the compiled ops, for torch.compile and opcheck."""
+    for name, fn in (
+        ("multi_lora_fwd", lambda x, a, b, idx, scaling, ranks, base: x.new_empty(x.shape[0], b.shape[1])),
+        ("multi_lora_bwd", lambda g, x, a, b, idx, scaling, ranks: (
+            torch.empty_like(x), torch.empty_like(a), torch.empty_like(b))),
+    ):
+        qualified = f"peft_kernels::{name}"
+        if hasattr(torch.ops.peft_kernels, name) and not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Meta"):
+            torch.library.register_fake(qualified, fn)
+
+
+_register_native_fakes()
 
 
 def multi_lora(

@@ -46,6 +46,9 @@ def specs(quick: bool, device: torch.device) -> list[dict]:
     out = [dict(mode="fwd", phase="decode", N=N, T=T, ranks=rk, H=H) for N in decode_N for T in Ts for rk in rank_kinds(T)]
     out += [dict(mode=m, phase="prefill", N=N, T=T, ranks=rk, H=H)
             for m in ("fwd", "fwd+bwd") for N in prefill_N for T in Ts for rk in rank_kinds(T)]
+    if not gpu:  # training rows of the CPU targets: many adapters per batch, a handful, a tiny batch
+        out += [dict(mode="fwd+bwd", phase="prefill", N=N, T=T, ranks=rk, H=H)
+                for N, T in ((1024, 64), (1024, 8), (16, 4)) for rk in ("uniform", "mixed")]
     return out
 
 
