@@ -144,7 +144,8 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     attention_mask [B, Lk] bool (from :func:`prefix_mask`), None, or a 4-D mask. Returns
     ([B, Lq, Hq, D], None).
     Semantics: the layer's prefix of the current call (if any) is attended before the keys,
-    masked per row; causal unless the module says otherwise. Without a prefix for this layer
+    masked per row; causal unless the module says otherwise. In a sliding-window layer the
+    prefix slides out of the window as PEFT's cached prefix does. Without a prefix for this layer
     it is plain attention through the same op.
     """
     state: Optional[PrefixState] = getattr(module, STATE_ATTR, None)
@@ -158,16 +159,38 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     else:
         bank_k, bank_v, lens, index = layer.key.to(key.dtype), layer.value.to(key.dtype), layer.lens, selection.index
     dropout = dropout if module.training else 0.0
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     if (attention_mask is not None and attention_mask.dim() == 4) or dropout > 0:
         mask4 = attention_mask
         if mask4 is None or mask4.dim() != 4:
             mask4 = sequence_mask(attention_mask, B, query.shape[2], Lk, causal, key.device)
+        if window and layer is not None:
+            mask4 = _with_windowed_prefix(mask4, bank_k.shape[0], bank_k.shape[2], index, lens, window)
         out = cat_sdpa(query, key, value, bank_k, bank_v, index, lens, mask4, dropout, scaling)
     else:
         kpm = None if attention_mask is None else attention_mask[:, -Lk:].to(torch.bool)
         out = prefix_attention(query, key, value, bank_k, bank_v, prefix_index=index, prefix_lens=lens,
                                key_padding_mask=kpm, causal=causal, softmax_scale=scaling, validate=False)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_windowed_prefix(seq_mask: Tensor, T: int, P: int, index: Optional[Tensor], lens: Optional[Tensor],
+                          window: int) -> Tensor:
+    """``[B, 1, Lq, P + Lk]``: a sliding-window layer's mask over [prefix ; sequence], where the
+    prefix slides out of the window as it does in PEFT's cache (slot p sits at position p, the
+    row's real tokens after its P_b slots): query i sees slot p iff p > P_b + Lk - Lq + i - window."""
+    if seq_mask.dtype != torch.bool:
+        seq_mask = seq_mask > torch.finfo(seq_mask.dtype).min / 2
+    B, Lq, Lk = seq_mask.shape[0], seq_mask.shape[2], seq_mask.shape[3]
+    device = seq_mask.device
+    rows = row_index(index, T, B, device)
+    row_len = torch.full((B,), P, device=device) if lens is None else lens.to(device).long()[rows.clamp(min=0)]
+    slot = torch.arange(P, device=device)
+    query = torch.arange(Lq, device=device)
+    real = (rows >= 0)[:, None] & (slot[None] < row_len[:, None])  # [B, P]
+    in_window = slot[None, None, :] > (row_len[:, None, None] + Lk - Lq + query[None, :, None] - window)
+    prefix = (real[:, None, :] & in_window)[:, None]  # [B, 1, Lq, P]
+    return torch.cat([prefix, seq_mask.expand(B, 1, Lq, Lk)], dim=-1)
 
 
 def prefix_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -198,7 +221,11 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, prefix_mask)
 
 
-def _offset_positions(state: PrefixState):
+# Models whose default position ids count the attention mask's real tokens instead of cache slots.
+MASK_POSITION_MODELS = ("opt",)
+
+
+def _offset_positions(state: PrefixState, mask_positions: bool):
     def hook(module, args, kwargs):
         offset = state.current().position_offset
         if isinstance(offset, int) and offset == 0:
@@ -207,7 +234,10 @@ def _offset_positions(state: PrefixState):
         if tokens is None:
             tokens = kwargs["inputs_embeds"]
         positions = kwargs.get("position_ids")
-        if positions is None:
+        mask = kwargs.get("attention_mask")
+        if positions is None and mask_positions and mask is not None and mask.dim() == 2:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1]:]
+        elif positions is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
@@ -237,9 +267,9 @@ def attach(model: nn.Module, state: PrefixState) -> "Attachment":
 
     Semantics: refuses (ValueError) a model whose class does not declare transformers' attention
     interface support (its attention would silently ignore the prefix); every attention module
-    gets ``state`` and its layer index; when the backbone
-    (``model.base_model``) takes ``position_ids``, a pre-hook adds the current selection's
-    ``position_offset`` to them (models with learned patch positions, like ViT, keep theirs).
+    gets ``state`` and its layer index; a pre-hook on :func:`position_module` adds the current
+    selection's ``position_offset`` to the position ids (models with learned patch positions,
+    like ViT, keep theirs).
     ``detach()`` on the result restores the previous attention implementation exactly.
     """
     if not getattr(model, "_supports_attention_backend", False):
@@ -256,11 +286,27 @@ def attach(model: nn.Module, state: PrefixState) -> "Attachment":
     for module, layer in modules.items():
         setattr(module, STATE_ATTR, state)
         setattr(module, LAYER_ATTR, layer)
-    backbone = getattr(model, "base_model", model)
+    backbone = position_module(model, list(modules))
     hook = None
-    if "position_ids" in inspect.signature(backbone.forward).parameters:
-        hook = backbone.register_forward_pre_hook(_offset_positions(state), with_kwargs=True)
+    if backbone is not None:
+        mask_positions = getattr(model.config, "model_type", None) in MASK_POSITION_MODELS
+        hook = backbone.register_forward_pre_hook(_offset_positions(state, mask_positions), with_kwargs=True)
     return Attachment(model, previous, list(modules), hook)
+
+
+def position_module(model: nn.Module, attention: list) -> Optional[nn.Module]:
+    """The innermost module that takes ``position_ids`` and holds every attention module: where
+    a model's positions enter (``LlamaModel``; ``OPTDecoder``, which ``OPTForCausalLM`` calls
+    directly), or None (models with learned patch positions, like ViT)."""
+    wanted = {id(m) for m in attention}
+    best, depth = None, -1
+    for name, module in model.named_modules():
+        if "position_ids" not in inspect.signature(module.forward).parameters:
+            continue
+        held = {id(m) for m in module.modules()}
+        if wanted <= held and name.count(".") + bool(name) > depth:
+            best, depth = module, name.count(".") + bool(name)
+    return best
 
 
 @dataclass

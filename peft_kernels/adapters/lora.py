@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from ..integrations.peft_io import (AdapterFormatError, check_lora_config, lora_module_alpha, peft_lora_modules,
                                     peft_lora_state)
-from ..methods.lora import (AdapterRouting, LoraLinear, apply_lora, find_targets, kaiming_uniform, lora_layers,
-                            lora_scaling)
+from ..methods.lora import (AdapterRouting, LoraLinear, apply_lora, find_targets, is_linear, kaiming_uniform,
+                            linear_shape, lora_layers, lora_scaling)
 from .base import AdapterKind, Batch, PeftConfig
 
 
@@ -47,15 +47,17 @@ class LoraKind(AdapterKind):
         self.routing = AdapterRouting()
         self.merged: Union[None, str] = None
 
-    def _linear(self, module_name: str) -> nn.Linear:
+    def _linear(self, module_name: str) -> tuple[int, int]:
+        """(in_features, out_features) of the linear layer (``nn.Linear`` or ``Conv1D``) ``module_name``."""
         try:
             module = self.model.get_submodule(module_name)
         except AttributeError as exc:
             raise AdapterFormatError(f"module {module_name!r} is not in the base model") from exc
         base = module.base if isinstance(module, LoraLinear) else module
-        if not isinstance(base, nn.Linear):
-            raise AdapterFormatError(f"module {module_name!r} is a {type(base).__name__}, not nn.Linear")
-        return base
+        if not is_linear(base):
+            raise AdapterFormatError(f"module {module_name!r} is a {type(base).__name__}, not a linear layer "
+                                     "(nn.Linear or Conv1D)")
+        return linear_shape(base)
 
     def create(self, name: str, config: dict) -> dict:
         check_lora_config(config)
@@ -65,10 +67,9 @@ class LoraKind(AdapterKind):
             raise ValueError(f"target_modules={cfg.target_modules!r} matched no nn.Linear in {type(self.model).__name__}")
         weights = {}
         for module_name in found:
-            base = self._linear(module_name)
-            a = kaiming_uniform(cfg.r, base.in_features)
-            b = torch.zeros(base.out_features, cfg.r) if cfg.init_lora_weights is not False else (
-                kaiming_uniform(base.out_features, cfg.r))
+            fan_in, fan_out = self._linear(module_name)
+            a = kaiming_uniform(cfg.r, fan_in)
+            b = torch.zeros(fan_out, cfg.r) if cfg.init_lora_weights is not False else kaiming_uniform(fan_out, cfg.r)
             weights[module_name] = (a, b)
         stored = {**config, **LoraConfig.from_peft(config).to_peft_dict(), "target_modules": found, "r": cfg.r}
         self._install(name, stored, weights)
@@ -82,12 +83,12 @@ class LoraKind(AdapterKind):
     def _install(self, name: str, config: dict, weights: dict[str, tuple[Tensor, Tensor]]) -> None:
         slots = {}
         for module_name, (a, b) in weights.items():  # everything checked and computed before the model changes
-            base = self._linear(module_name)
+            fan_in, fan_out = self._linear(module_name)
             r = a.shape[0]
-            if a.dim() != 2 or a.shape[1] != base.in_features or tuple(b.shape) != (base.out_features, r):
+            if a.dim() != 2 or a.shape[1] != fan_in or tuple(b.shape) != (fan_out, r):
                 raise AdapterFormatError(
                     f"LoRA weights for {module_name!r} are A {list(a.shape)} and B {list(b.shape)}, but the base "
-                    f"layer is Linear({base.in_features}, {base.out_features}): wrong base model?")
+                    f"layer maps {fan_in} -> {fan_out} features: wrong base model?")
             scale = lora_scaling(float(lora_module_alpha(config, module_name)), r, bool(config.get("use_rslora", False)))
             slots[module_name] = (a, b, scale)
         dropout = float(config.get("lora_dropout", 0.0))

@@ -295,8 +295,10 @@ class BottleneckSites(nn.Module):
             if index is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            L = hidden[0].numel() // hidden.shape[-1]  # tokens per row
-            out = self.banks[key](hidden, index, self.routing.token_index(L))
+            B = index.shape[0]
+            rows = hidden if hidden.shape[0] == B else hidden.reshape(B, -1, hidden.shape[-1])  # flattened (OPT)
+            L = rows[0].numel() // rows.shape[-1]  # tokens per row
+            out = self.banks[key](rows, index, self.routing.token_index(L)).reshape(hidden.shape)
             return (out, *output[1:]) if isinstance(output, tuple) else out
 
         return hook

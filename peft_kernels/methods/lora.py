@@ -103,13 +103,13 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, routing: AdapterRouting, dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base).__name__}")
+        if not is_linear(base):
+            raise TypeError(f"LoraLinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
         self.base = base
         self.routing = routing
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(0, 0, base.in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(0, base.out_features, 0, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(torch.zeros(0, 0, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(0, self.out_features, 0, dtype=dtype, device=device))
         self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32, device=device))
         self.register_buffer("scaling", torch.zeros(0, dtype=torch.float32, device=device))
         self.dropout: list[float] = []
@@ -117,11 +117,11 @@ class LoraLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return linear_shape(self.base)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return linear_shape(self.base)[1]
 
     def _rebuild(self, a: Tensor, b: Tensor) -> None:
         self.lora_A = nn.Parameter(a, requires_grad=self.lora_A.requires_grad)
@@ -166,18 +166,22 @@ class LoraLinear(nn.Module):
         a, b = self.weights(slot)
         return (b.float() @ a.float()) * float(self.scaling[slot])
 
+    def _base_delta(self, slot: int) -> Tensor:
+        delta = self.delta_weight(slot)  # [out, in]; Conv1D stores its weight as [in, out]
+        return (delta if isinstance(self.base, nn.Linear) else delta.T).to(self.base.weight.dtype)
+
     @torch.no_grad()
     def merge(self, slot: int, name: str) -> None:
         if self.merged is not None:
             raise ValueError(f"adapter {self.merged!r} is already merged; unmerge it first")
-        self.base.weight += self.delta_weight(slot).to(self.base.weight.dtype)
+        self.base.weight += self._base_delta(slot)
         self.merged = name
 
     @torch.no_grad()
     def unmerge(self, slot: int) -> None:
         if self.merged is None:
             return
-        self.base.weight -= self.delta_weight(slot).to(self.base.weight.dtype)
+        self.base.weight -= self._base_delta(slot)
         self.merged = None
 
     def _row_dropout(self, x: Tensor, index: Tensor) -> Tensor:
@@ -203,8 +207,8 @@ class LoraLinear(nn.Module):
             x2 = x2.to(dtype)
         if y2.dtype != dtype:
             y2 = y2.to(dtype)
-        if x2.shape[0] != index.shape[0]:  # one adapter per sequence of x [B, L, in]
-            index = self.routing.token_index(x.shape[-2])
+        if x2.shape[0] != index.shape[0]:  # one adapter per sequence: x [B, L, in], or flattened [B * L, in] (OPT)
+            index = self.routing.token_index(x2.shape[0] // index.shape[0])
         if self.training and any(self.dropout):
             x2 = self._row_dropout(x2, index)
         buffers = self._buffers
@@ -213,10 +217,24 @@ class LoraLinear(nn.Module):
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's linear layers, weight [in, out])."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+                                             and getattr(module, "weight", None) is not None)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.nf
+
+
 def find_targets(model: nn.Module, target_modules: Union[str, Iterable[str]]) -> list[str]:
     """Names of the linear modules to adapt (plain ``nn.Linear`` or already a :class:`LoraLinear`).
 
-    Semantics: ``"all-linear"`` = every linear layer except the output head (the module the
+    Semantics: linear layers are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2), as PEFT's;
+    ``"all-linear"`` = every linear layer except the output head (the module the
     model's ``get_output_embeddings`` returns); a list entry matches a module whose name equals
     it or ends with ``.`` + it (PEFT's rule); a plain string is a full-match regex.
     """
@@ -224,7 +242,7 @@ def find_targets(model: nn.Module, target_modules: Union[str, Iterable[str]]) ->
     wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoraLinear)}
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, LoraLinear)) or module is head or id(module) in wrapped:
+        if not (is_linear(module) or isinstance(module, LoraLinear)) or module is head or id(module) in wrapped:
             continue
         if target_modules == "all-linear" or name_matches(name, target_modules):
             found.append(name)
