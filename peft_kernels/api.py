@@ -14,8 +14,8 @@
   ``runner(pixel_values, task_index=...)``;
 - ``BottleneckConfig``: a :class:`~peft_kernels.methods.bottleneck.BottleneckAdapterModel`;
   ``runner(input_ids, ..., adapter_names=...)`` (None = the only adapter loaded);
-- ``BitFitConfig``, ``LayerNormTuningConfig``, ``HeadTuningConfig``: the model itself, frozen
-  except the tuned parameters.
+- ``BitFitConfig``, ``LayerNormTuningConfig``, ``HeadTuningConfig``, ``TopKLayersConfig``: the model
+  itself, frozen except the tuned parameters.
 
 Passing a ``MultiAdapterModel`` (or a ``BottleneckAdapterModel``) as ``model`` adds another adapter
 to it. Wrapping a plain model freezes it first, so only the method's parameters train.
@@ -40,6 +40,7 @@ from .multi_adapter import MultiAdapterModel
 
 __all__ = [
     "BitFitConfig", "BottleneckConfig", "CONFIGS", "HeadTuningConfig", "LayerNormTuningConfig", "LoraConfig",
+    "TopKLayersConfig",
     "PTuningConfig", "PTuningV2Config", "PrefixTuningConfig", "PromptTuningConfig", "VPTConfig", "apply",
     "load_trainable_state_dict", "method_table", "method_table_markdown", "trainable_parameters",
     "trainable_state_dict", "trainable_summary",
@@ -99,8 +100,21 @@ class HeadTuningConfig:
     head_modules: Union[None, str, list] = None
 
 
+@dataclass
+class TopKLayersConfig:
+    """Top-k layer tuning: train only the last ``k`` transformer blocks (and the head if ``train_head``).
+
+    The head is the task head (``classifier`` / ``score``), else the output embeddings (tied to the
+    input embeddings in many LMs: then both train, as one tensor).
+    """
+
+    k: int = 1
+    train_head: bool = True
+
+
 _MULTI = (LoraConfig, PrefixTuningConfig, PTuningV2Config, PromptTuningConfig, PTuningConfig)
-CONFIGS = (*_MULTI, VPTConfig, BottleneckConfig, BitFitConfig, LayerNormTuningConfig, HeadTuningConfig)
+CONFIGS = (*_MULTI, VPTConfig, BottleneckConfig, BitFitConfig, LayerNormTuningConfig, HeadTuningConfig,
+           TopKLayersConfig)
 _WRAPPERS = (MultiAdapterModel, BottleneckAdapterModel, VisualPromptTuning)
 
 
@@ -147,6 +161,8 @@ def apply(model: nn.Module, config, name: str = "default", *, verbose: bool = Fa
             runner = _freeze.prepare_bitfit(model, add_bias=config.add_bias, train_head=config.train_head, verbose=False)
         elif isinstance(config, LayerNormTuningConfig):
             runner = _freeze.prepare_layernorm_tuning(model, train_head=config.train_head, verbose=False)
+        elif isinstance(config, TopKLayersConfig):
+            runner = _freeze.prepare_topk_layers(model, config.k, train_head=config.train_head, verbose=False)
         else:
             runner = _freeze.prepare_head_tuning(model, head_modules=config.head_modules, verbose=False)
     if verbose:
@@ -227,6 +243,7 @@ TABLE = (
     ("LayerNorm tuning", LayerNormTuningConfig(), _BERT, "LayerNorm weights and biases + classifier head", "none"),
     ("LayerNorm tuning", LayerNormTuningConfig(), _LLAMA, "RMSNorm weights", "none"),
     ("Head tuning", HeadTuningConfig(), _BERT, "the classifier head", "none"),
+    ("Top-k layers", TopKLayersConfig(k=1), _BERT, "the last transformer block + classifier head", "none"),
 )
 
 

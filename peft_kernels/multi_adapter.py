@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .adapters import AdapterKind, Batch, as_config_dict, kind_class
 from .integrations.peft_io import AdapterFormatError, read_adapter_dir, write_adapter_dir
+from .methods.checkpointing import keep_call_context
 from .methods.prompt_model import compact_position_ids, generate_with_prompts, prompt_batch
 from .methods.selection import per_row
 
@@ -200,6 +201,8 @@ class MultiAdapterModel(nn.Module):
         if adapter_names is None:
             adapter_names = [self.active_adapter] * rows
         names = per_row(adapter_names, rows, list(self.configs))
+        if self.training:
+            keep_call_context(self.model)  # recomputed checkpointed blocks see this call's routing
         with contextlib.ExitStack() as stack:
             batch = Batch(names, self.adapters, device or self._device(), stack)
             for kind in self.kinds.values():

@@ -295,3 +295,13 @@ def test_bf16_is_refused_by_the_triton_interpreter_rather_than_computed_wrong():
             pk.multi_lora(x, a, b, None, torch.ones(1))
         pk.multi_lora(x.float(), a.float(), b.float(), None, torch.ones(1))
         assert pk.last_backend("multi_lora") == "triton"
+
+
+def test_patch_refuses_prefix_tuning_where_attention_bypasses_the_interface():
+    peft = pytest.importorskip("peft")
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=97, hidden_size=32, n_layer=2, n_head=4))
+    model = peft.get_peft_model(bloom, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="Bloom"):
+        pk.patch(model)

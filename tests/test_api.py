@@ -150,9 +150,9 @@ def test_method_table_measures_every_method_on_the_reference_models():
     by_method = {(r["method"], r["model"].split()[0]): r for r in rows}
     assert len(rows) == len(api.TABLE)
     assert {r["op"] for r in rows} == {"multi_lora", "prefix_attention", "soft_prompt_embed+concat",
-                                       "soft_prompt_concat", "none"}
-    for r in rows:
-        assert 0 < r["percent"] < 10 and r["trainable"] < r["total"], r
+                                       "soft_prompt_concat", "lora_shrink+expand", "none"}
+    for r in rows:  # top-k layers trains a whole block: the one method above 10%
+        assert 0 < r["percent"] < (30 if r["method"] == "Top-k layers" else 10) and r["trainable"] < r["total"], r
     # LoRA r=8 on every linear of 4 Llama layers (256 hidden, 128 KV, 688 MLP): r * (in + out) summed
     assert by_method["LoRA", "Llama"]["trainable"] == 4 * 8 * (2 * 512 + 2 * 384 + 3 * (256 + 688))
     # Houlsby r = 256 / 16 = 16, two sites in each of 4 BERT layers: down, up and both biases
@@ -160,3 +160,17 @@ def test_method_table_measures_every_method_on_the_reference_models():
     assert by_method["Head tuning", "BERT"]["trainable"] == 256 * 2 + 2
     table = api.method_table_markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "| LoRA |" in table
+
+
+def test_topk_layers_trains_only_the_last_blocks_and_the_head():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3,
+                                                     num_attention_heads=4, intermediate_size=64, num_labels=2))
+    runner = api.apply(model, api.TopKLayersConfig(k=2))
+    trainable = {n for n, p in runner.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("bert.encoder.layer.1.", "bert.encoder.layer.2.", "classifier."))
+                             for n in trainable)
+    assert any(n.startswith("bert.encoder.layer.1.") for n in trainable) and any("classifier" in n for n in trainable)
+    with pytest.raises(ValueError, match="1 <= k <= 3"):
+        api.apply(model, api.TopKLayersConfig(k=4))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import attention as attn
+from ..methods.checkpointing import keep_call_context
 from ..methods.lora import stack_lora
 from ..methods.prefix_tuning import layer_prefixes
 from ..methods.prompt_model import generate_with_prompts, prompt_inputs
@@ -80,6 +81,8 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
     """
     if kwargs.get("token_type_ids") is not None:
         kwargs["token_type_ids"] = None  # PEFT drops them for prompt learning too
+    if self.training:
+        keep_call_context(self.base_model)  # recomputed checkpointed blocks see this call's prefix
     with self._peft_kernels_prefix.use(_prefix_selection(self)):
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                labels=labels, output_attentions=output_attentions,

@@ -178,3 +178,36 @@ def prepare_head_tuning(model: nn.Module, *, head_modules: Union[None, str, Sequ
     """Head tuning (linear probing): train only the head (see :func:`find_heads`); returns ``model``."""
     heads = find_heads(model, head_modules)
     return _finish(model, [p for m in heads.values() for p in m.parameters()], verbose)
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, blocks) of the model's stack of transformer blocks: the longest ``nn.ModuleList`` whose
+    entries are all of one class (``model.layers``, ``transformer.h``, ``encoder.layer``, ...).
+
+    Raises ValueError when the model has none.
+    """
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}: no nn.ModuleList of "
+                         "identical blocks")
+    return best
+
+
+def prepare_topk_layers(model: nn.Module, k: int, *, train_head: bool = True, verbose: bool = True) -> nn.Module:
+    """Top-k layer tuning: train only the last ``k`` transformer blocks (and the head); returns ``model``.
+
+    Semantics: blocks from :func:`transformer_blocks`; ``train_head`` trains the task head
+    (``classifier`` / ``score``), else the output embeddings (:func:`find_heads`: a head tied to the
+    input embeddings trains both). Norms after the last block stay frozen.
+    """
+    name, blocks = transformer_blocks(model)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(blocks):
+        raise ValueError(f"k={k!r}: choose 1 <= k <= {len(blocks)} (the blocks of {type(model).__name__}.{name})")
+    params = [p for block in list(blocks)[-k:] for p in block.parameters()]
+    if train_head:
+        params += [p for m in find_heads(model).values() for p in m.parameters()]
+    return _finish(model, params, verbose)
