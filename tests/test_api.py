@@ -127,7 +127,7 @@ def test_adapters_of_several_kinds_share_one_multi_adapter_model():
 
 
 def test_configs_have_docstrings_defaults_and_peft_dicts():
-    assert len(api.CONFIGS) == 10
+    assert len(api.CONFIGS) == 11
     for cls in api.CONFIGS:
         assert cls.__doc__ and len(cls.__doc__) > 40, cls
         cls()  # every field has a default
@@ -136,6 +136,11 @@ def test_configs_have_docstrings_defaults_and_peft_dicts():
     assert api.PTuningV2Config().to_peft_dict() == {"peft_type": "PREFIX_TUNING", "prefix_projection": False,
                                                     "num_virtual_tokens": 20}
     assert dataclasses.asdict(api.BottleneckConfig())["placement"] == "houlsby"
+    for cls in (api.LoraConfig, api.PromptTuningConfig, api.PTuningConfig, api.BottleneckConfig):  # and back
+        assert cls.from_peft(cls().to_peft_dict()) == cls()
+    peft = pytest.importorskip("peft")
+    got = api.LoraConfig.from_peft(peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj"]))
+    assert (got.r, got.lora_alpha, got.target_modules) == (4, 2, ["q_proj"])
 
 
 def test_bitfit_config_on_llama_raises_the_clear_error():
