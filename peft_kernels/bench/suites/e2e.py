@@ -38,6 +38,11 @@ server would load them. Three kinds of rows:
     PEFT (the last new token is never fed back), and the cache of PEFT's prefill forward
     (B * (P + L)). The row's ``shape["kv_cache"]`` holds the numbers, its notes say them.
 
+``llama_prefix_patch`` (``row="prefix_patch"``): one prefix-tuning ``PeftModel`` on a GQA Llama
+    (CPU: 4 layers, hidden 256, 8 heads / 2 KV heads; B8 L512): ours = ``peft_kernels.patch`` of a
+    copy vs PEFT's own forward, ``fwd`` (logits) and ``fwd+bwd`` (a training step: the prefix
+    parameters' gradients are compared too), with peak memory.
+
 Correctness gate, before any timing. prefill / decode rows: the harness compares ours' logits
 with PEFT's per row group (one tensor per adapter; max |diff| / max |ours| within 1e-3 in fp32,
 5e-2 in 16-bit). generate rows: PEFT's own generate of prefix- and prompt-tuned models is wrong
@@ -72,6 +77,8 @@ MODELS = {
                         num_attention_heads=16, num_key_value_heads=4),
     "llama4x256": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=8),
+    "llama4x256gqa": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=2),
 }
 RANKS = {"cuda": (8, 16, 32, 64), "cpu": (4, 6, 8, 10, 12, 14, 16, 16)}  # cycled over the adapters
 MIXED_LORA = 4  # LoRA adapters in a mixed-kind batch
@@ -102,6 +109,10 @@ def specs(quick: bool, device: torch.device) -> list[dict]:
         dict(mode="fwd", row="prefix_cache", phase="generate", model=m, B=B if gpu else 4, L=gen_L if gpu else 32,
              P=P, new=new),
     ]
+    # patch() of a PEFT prefix-tuning model vs PEFT's own forward, inference and a training step
+    pm, pB, pL = (m, 8, 1024) if gpu else ("llama4x256gqa", 8, 512 if not quick else 64)
+    out += [dict(mode=mode, row="prefix_patch", phase="prefill", model=pm, B=pB, L=pL, P=20)
+            for mode in ("fwd", "fwd+bwd")]
     if not quick:
         if gpu:  # longer sequences, fewer rows
             out += [dict(mode="fwd", row="lora", phase="prefill", model=m, T=8, B=8, L=1024),
@@ -133,6 +144,8 @@ def label(s: dict) -> str:
     if s["row"] == "mixed":
         what = f"{s['B']}x{s['L']} +{s['new']} new" if s["phase"] == "generate" else f"{s['B']}x{s['L']}"
         return f"{m} LoRA x{MIXED_LORA}+prefix+prompt+ptuning+base {s['phase']} {what}"
+    if s["row"] == "prefix_patch":
+        return f"{m} patch(prefix P{s['P']}) {'train step' if s['mode'] == 'fwd+bwd' else 'forward'} {s['B']}x{s['L']}"
     return f"{m} prefix P{s['P']} generate {s['B']}x{s['L']} +{s['new']} new"
 
 
@@ -215,7 +228,7 @@ def _bundle(s: dict, device, dtype, seed) -> dict:
     _quiet()
     base = _base(s, device, dtype, seed)
     out = {"base": base}
-    if s["row"] == "prefix_cache":
+    if s["row"] in ("prefix_cache", "prefix_patch"):
         from ... import patch
 
         torch.manual_seed(seed + 1)
@@ -280,6 +293,8 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
     tol = 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
     if s["row"] == "prefix_cache":
         return _prefix_cache_case(s, device, dtype, seed, tol)
+    if s["row"] == "prefix_patch":
+        return _prefix_patch_case(s, device, dtype, seed, tol)
     b = _bundle(s, device, dtype, seed)
     V = MODELS[s["model"]]["vocab_size"]
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -428,6 +443,31 @@ def _backend(s: dict):
     if s["row"] == "lora":
         return backend_of("multi_lora")
     return backend_of("multi_lora", "prefix_attention", "soft_prompt_embed")
+
+
+def _prefix_patch_case(s: dict, device, dtype, seed: int, tol: float) -> Case:
+    """patch(peft prefix model) vs the same PEFT model: logits, and for fwd+bwd the prefix gradients."""
+    b = _bundle(s, device, dtype, seed)
+    ours_m, peft_m, base_m = b["ours"], b["peft"], b["base"]
+    V = MODELS[s["model"]]["vocab_size"]
+    ids = torch.randint(3, V, (s["B"], s["L"]), generator=torch.Generator().manual_seed(seed)).to(device)
+    train = s["mode"] == "fwd+bwd"
+    leaves = lambda m: [p for p in m.prompt_encoder.parameters()] if train else []  # noqa: E731
+    ours = Impl("ours", lambda: ours_m(input_ids=ids).logits, leaves=leaves(ours_m), no_grad=not train,
+                backend=backend_of("prefix_attention"), note="peft_kernels.patch(peft_model)")
+    peft_impl = Impl("peft", lambda: peft_m(input_ids=ids).logits[:, -s["L"]:], leaves=leaves(peft_m),
+                     no_grad=not train, tol=tol, note="PEFT's own forward (prefix as past_key_values)")
+    baselines = [peft_impl]
+    if not train:
+        baselines.append(Impl("base_model", lambda: base_m(input_ids=ids).logits, no_grad=True, check=False))
+    c = MODELS[s["model"]]
+    notes = [f"{_model_label(s)} ({c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads) "
+             f"prefix-tuned with P={s['P']}: ours = peft_kernels.patch(peft_model), peft = the same PEFT model; "
+             + ("a training step: logits, then the gradients of the prefix parameters" if train else
+                "one forward over B x L (logits)")]
+    shape = dict(s, tokens=tokens(s))
+    return Case("e2e", "llama_prefix_patch", s["mode"], shape, label(s), dtype, costs.NONE, ours, baselines,
+                notes=notes)
 
 
 def _prefix_cache_case(s: dict, device, dtype, seed: int, tol: float) -> Case:
