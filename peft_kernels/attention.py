@@ -153,12 +153,19 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     layer = selection.layers.get(getattr(module, LAYER_ATTR, 0))
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     B, Hkv, Lk, D = key.shape
+    Lq = query.shape[2]
+    dropout = dropout if module.training else 0.0
+    if layer is None and attention_mask is None and (Lq == Lk or Lq == 1):
+        # No prefix and no padding in this call: plain attention at the base model's cost (no bank,
+        # no merge); Lq == Lk or Lq == 1 makes torch's top-left causal alignment the op's bottom-right one.
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
+                                             is_causal=causal and Lq > 1, enable_gqa=Hkv != query.shape[1])
+        return out.transpose(1, 2).contiguous(), None
     if layer is None:
         bank_k = bank_v = key.new_zeros(1, Hkv, 1, D)
         index, lens = torch.full((B,), -1, dtype=torch.int32, device=key.device), None
     else:
         bank_k, bank_v, lens, index = layer.key.to(key.dtype), layer.value.to(key.dtype), layer.lens, selection.index
-    dropout = dropout if module.training else 0.0
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     if (attention_mask is not None and attention_mask.dim() == 4) or dropout > 0:
         mask4 = attention_mask

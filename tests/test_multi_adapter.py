@@ -91,7 +91,7 @@ def test_training_a_mixed_batch_gives_each_adapter_its_own_rows_gradient(peft_di
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     mixed = grads(list(range(len(names))))
-    assert any("kinds.prefix.encoders.prefix." in n for n in mixed) and any("kinds.prompt.prompts.prompt." in n for n in mixed)
+    assert any("kinds.prefix.tables.prefix." in n for n in mixed) and any("kinds.prompt.tables.prompt." in n for n in mixed)
     for name in dict.fromkeys(names):
         alone = grads([r for r, n in enumerate(names) if n == name])
         for pname, g in alone.items():

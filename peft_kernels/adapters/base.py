@@ -144,6 +144,26 @@ class AdapterKind(nn.Module):
         raise NotImplementedError
 
 
+class TableKind(AdapterKind):
+    """A kind whose adapters are modules returning PEFT's ``prompt_embeddings`` table (prefix and
+    soft-prompt kinds): ``tables[name]()`` is what a directory stores, and what is removed with it."""
+
+    def __init__(self, host: nn.Module):
+        super().__init__(host)
+        self.tables = nn.ModuleDict()
+
+    def _add_table(self, name: str, module: nn.Module) -> None:
+        self.tables[name] = self._placed(module)
+        self.names.append(name)
+
+    def state_dict_of(self, name: str) -> dict[str, Tensor]:
+        return {"prompt_embeddings": self.tables[name]().detach()}
+
+    def remove(self, name: str) -> None:
+        del self.tables[name]
+        self.names.remove(name)
+
+
 KINDS: dict[str, type[AdapterKind]] = {}
 
 

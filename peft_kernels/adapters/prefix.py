@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .. import attention as attn
 from ..methods.geometry import model_geometry
 from ..methods.prefix_tuning import PrefixEncoder, select_prefixes
-from .base import AdapterKind, Batch, PeftConfig
+from .base import Batch, PeftConfig, TableKind
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _positive(config: dict, key: str, default: int) -> int:
     return value
 
 
-class PrefixKind(AdapterKind):
+class PrefixKind(TableKind):
     """Prefix adapters: one :class:`PrefixEncoder` each; per call, the rows' prefixes are stacked
     into one bank per layer and read by the ``"peft_prefix"`` attention (never the KV cache)."""
 
@@ -59,7 +59,6 @@ class PrefixKind(AdapterKind):
 
     def __init__(self, host: nn.Module):
         super().__init__(host)
-        self.encoders = nn.ModuleDict()
         self.state = attn.PrefixState()
         object.__setattr__(self, "attachment", None)
 
@@ -71,8 +70,7 @@ class PrefixKind(AdapterKind):
     def _add(self, name: str, encoder: PrefixEncoder) -> None:
         if self.attachment is None:
             object.__setattr__(self, "attachment", attn.attach(self.model, self.state))
-        self.encoders[name] = self._placed(encoder)
-        self.names.append(name)
+        self._add_table(name, encoder)
 
     def create(self, name: str, config: dict) -> dict:
         P = _positive(config, "num_virtual_tokens", PrefixTuningConfig.num_virtual_tokens)
@@ -103,14 +101,7 @@ class PrefixKind(AdapterKind):
         self._add(name, encoder)
         return config
 
-    def state_dict_of(self, name: str) -> dict[str, Tensor]:
-        return {"prompt_embeddings": self.encoders[name]().detach()}
-
-    def remove(self, name: str) -> None:
-        del self.encoders[name]
-        self.names.remove(name)
-
     def route(self, batch: Batch) -> None:
         rows = batch.rows_of(self)
         if any(n is not None for n in rows):
-            batch.enter(self.state.use(select_prefixes(self.encoders, rows, batch.device)))
+            batch.enter(self.state.use(select_prefixes(self.tables, rows, batch.device)))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..integrations.peft_io import prompt_table
 from ..methods.soft_prompt import PromptEncoder, SoftPrompt
-from .base import AdapterKind, Batch, PeftConfig
+from .base import Batch, PeftConfig, TableKind
 from .prefix import _positive
 
 
@@ -49,23 +49,18 @@ class PTuningConfig(PeftConfig):
 PROMPT_INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "sample_vocab"}
 
 
-class PromptTuningKind(AdapterKind):
+class PromptTuningKind(TableKind):
     """Prompt-tuning adapters: one :class:`SoftPrompt` each (a PEFT directory's table loads as one)."""
 
     peft_type = "PROMPT_TUNING"
     key = "prompt"
     config_class = PromptTuningConfig
 
-    def __init__(self, host: nn.Module):
-        super().__init__(host)
-        self.prompts = nn.ModuleDict()
-
     def _hidden(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
 
     def _add(self, name: str, module: nn.Module, config: dict, P: int) -> dict:
-        self.prompts[name] = self._placed(module)
-        self.names.append(name)
+        self._add_table(name, module)
         return {**config, "num_virtual_tokens": P, "token_dim": self._hidden(), "num_transformer_submodules": 1}
 
     def _module(self, config: dict, P: int) -> nn.Module:
@@ -89,17 +84,10 @@ class PromptTuningKind(AdapterKind):
         module.weight.data.copy_(table)
         return self._add(name, module, config, table.shape[0])
 
-    def state_dict_of(self, name: str) -> dict[str, Tensor]:
-        return {"prompt_embeddings": self.prompts[name]().detach()}
-
-    def remove(self, name: str) -> None:
-        del self.prompts[name]
-        self.names.remove(name)
-
     def route(self, batch: Batch) -> None:
         for name in batch.rows_of(self):
             if name is not None:
-                batch.prompts[name] = self.prompts[name]
+                batch.prompts[name] = self.tables[name]
 
 
 class PTuningKind(PromptTuningKind):

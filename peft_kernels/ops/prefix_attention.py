@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as C
-from ._dispatch import call, register, select
+from ._dispatch import call, register_autograd, register, register_native, select
 
 
 @torch.library.custom_op("peft_kernels::prefix_attention", mutates_args=())
@@ -62,7 +62,7 @@ def _backward(ctx, grad_out, _grad_lse):
     return (*grads, None, None, None, None, None)
 
 
-_attn_op.register_autograd(_backward, setup_context=_setup)
+register_autograd(_attn_op, _backward, _setup)
 
 
 def _reference_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
@@ -74,6 +74,26 @@ def _reference_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, pre
 
 register("prefix_attention", "reference", reference.prefix_attention)
 register("prefix_attention_backward", "reference", _reference_backward)
+
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _native_supports(q, k, v, prefix_k, prefix_v, *rest) -> Optional[str]:
+    # The C++ kernel (csrc/cpu/prefix_attention.cpp) runs on ATen's CPU flash attention, whose
+    # kernels read the head dimension with unit stride and exist for these dtypes only.
+    if q.device.type != "cpu":
+        return f"the cpp kernel takes CPU tensors, got {q.device}"
+    if q.dtype not in _NATIVE_DTYPES:
+        return f"the cpp kernel takes float32/float64/float16/bfloat16, got {q.dtype}"
+    return None
+
+
+def _native_backward_supports(grad_out, q, *rest) -> Optional[str]:
+    return _native_supports(q, *rest)
+
+
+register_native("prefix_attention", "prefix_attention_fwd", supports=_native_supports)
+register_native("prefix_attention_backward", "prefix_attention_bwd", supports=_native_backward_supports)
 
 
 def prefix_attention(

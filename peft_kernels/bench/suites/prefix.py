@@ -5,6 +5,7 @@ prefix lengths, no key padding. ``causal`` per row: bottom-right causal for the 
 decoder rows (Hq 32 / Hkv 8, D 128), bidirectional for the BERT-like encoder rows (Hq = Hkv = 16,
 D 64); ours and both baselines get the same flag. The SDPA mask and the Flex block mask are
 built once per row outside the timing (a model builds them once per batch, not per layer).
+Without CUDA the full grid is :data:`CPU_SHAPES`, all causal, forward and forward+backward.
 """
 from __future__ import annotations
 
@@ -52,14 +53,23 @@ def specs(quick: bool, device: torch.device) -> list[dict]:
                                                                            (16, 1024, 16)]
         big, enc = LLAMA, BERT
     else:
-        llama = [(1, 256, 16), (4, 128, 64), (4, 256, 64)]
-        bert = [(8, 128, 32)]
-        decode = [(16, Lk, 32) for Lk in (128, 512, 1024)] + [(1, 1024, 16)]
-        big, enc = dict(Hq=8, Hkv=2, D=64, causal=True), dict(Hq=8, Hkv=8, D=64, causal=False)
+        return cpu_specs()
     out = [dict(mode=m, B=B, Lq=L, Lk=L, P=P, **big) for m in ("fwd", "fwd+bwd") for B, L, P in llama]
     out += [dict(mode=m, B=B, Lq=L, Lk=L, P=P, **enc) for m in ("fwd", "fwd+bwd") for B, L, P in bert]
     out += [dict(mode="fwd", B=B, Lq=1, Lk=Lk, P=P, **big) for B, Lk, P in decode]
     return out
+
+
+# CPU grid (B, Hq, Hkv, Lq, Lk, P, D), causal: small MHA prefill, GQA prefill at L512 and L1024
+# (Llama-like heads), and GQA decode over a 1024-token context.
+CPU_SHAPES = [(4, 8, 8, 128, 128, 16, 64), (8, 16, 4, 512, 512, 32, 64), (2, 32, 8, 1024, 1024, 64, 128),
+              (16, 32, 8, 1, 1024, 64, 128)]
+
+
+def cpu_specs() -> list[dict]:
+    """Every CPU shape forward and forward+backward (decode included: a training step on one token)."""
+    keys = ("B", "Hq", "Hkv", "Lq", "Lk", "P", "D")
+    return [dict(mode=m, causal=True, **dict(zip(keys, shape))) for shape in CPU_SHAPES for m in ("fwd", "fwd+bwd")]
 
 
 def label(s: dict) -> str:
