@@ -1,5 +1,6 @@
 // soft_prompt_embed_fwd: argument checks and the per-row source rule, shared by the CPU and CUDA
-// kernels so that both implement exactly the same semantics.
+// kernels so that both implement exactly the same semantics; and the entry points of the CPU
+// soft-prompt kernels (csrc/cpu/soft_prompt_*.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 #ifdef __CUDACC__
 #define PK_HOST_DEVICE __host__ __device__
@@ -49,13 +51,11 @@ inline bool is_index_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong;
 }
 
-inline void check_index(const char* name, const at::Tensor& t, int64_t size, const at::Device& device) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "soft_prompt_embed_fwd: ", name, " must be [", size,
-              "], got ", t.sizes());
-  TORCH_CHECK(is_index_dtype(t), "soft_prompt_embed_fwd: ", name, " must be int32 or int64, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device() == device, "soft_prompt_embed_fwd: ", name, " is on ", t.device(),
-              " but weight is on ", device);
+inline void check_index(const char* name, const at::Tensor& t, int64_t size, const at::Device& device,
+                        const char* op = "soft_prompt_embed_fwd", const char* ref = "weight") {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must be [", size, "], got ", t.sizes());
+  TORCH_CHECK(is_index_dtype(t), op, ": ", name, " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but ", ref, " is on ", device);
 }
 
 inline SoftPromptShape check_soft_prompt_embed(const at::Tensor& input_ids, const at::Tensor& weight,
@@ -103,8 +103,23 @@ inline std::optional<at::Tensor> as_int64(const std::optional<at::Tensor>& t) {
   return t->to(at::kLong).contiguous();
 }
 
+// CPU kernels (csrc/cpu/soft_prompt_forward.cpp, soft_prompt_backward.cpp); registered in
+// csrc/cpu/soft_prompt.cpp. Arguments as the ops of the same name in peft_kernels.reference.
 at::Tensor soft_prompt_embed_fwd_cpu(const at::Tensor& input_ids, const at::Tensor& weight,
                                      const at::Tensor& prompts, const std::optional<at::Tensor>& prompt_index,
                                      const std::optional<at::Tensor>& prompt_lens, int64_t insert_at);
+at::Tensor soft_prompt_concat_fwd_cpu(const at::Tensor& embeds, const at::Tensor& prompts,
+                                      const std::optional<at::Tensor>& prompt_index,
+                                      const std::optional<at::Tensor>& prompt_lens, int64_t insert_at, bool replace);
+std::tuple<at::Tensor, at::Tensor> soft_prompt_embed_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input_ids,
+                                                             int64_t vocab_size, int64_t num_prompts,
+                                                             const std::optional<at::Tensor>& prompt_index,
+                                                             const std::optional<at::Tensor>& prompt_lens,
+                                                             int64_t insert_at, bool need_dweight);
+std::tuple<at::Tensor, at::Tensor> soft_prompt_concat_bwd_cpu(const at::Tensor& grad_out, int64_t num_prompts,
+                                                              int64_t prompt_len,
+                                                              const std::optional<at::Tensor>& prompt_index,
+                                                              const std::optional<at::Tensor>& prompt_lens,
+                                                              int64_t insert_at, bool replace);
 
 }  // namespace peft_kernels

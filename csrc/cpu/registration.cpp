@@ -1,6 +1,5 @@
 // peft_kernels._C: op schemas, their CPU kernels, and build_info().
 #include "../multi_lora.h"
-#include "../soft_prompt_embed.h"
 
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -14,15 +13,11 @@
 
 TORCH_LIBRARY_FRAGMENT(peft_kernels, m) {
   m.def(
-      "soft_prompt_embed_fwd(Tensor input_ids, Tensor weight, Tensor prompts, Tensor? prompt_index, "
-      "Tensor? prompt_lens, int insert_at) -> Tensor");
-  m.def(
       "multi_lora_fwd(Tensor x, Tensor lora_a, Tensor lora_b, Tensor? adapter_index, Tensor scaling, "
       "Tensor? ranks, Tensor? base) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
-  m.impl("soft_prompt_embed_fwd", &peft_kernels::soft_prompt_embed_fwd_cpu);
   m.impl("multi_lora_fwd", &peft_kernels::multi_lora_fwd_cpu);
 }
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as C
-from ._dispatch import call, register, register_native, select
+from ._dispatch import call, forced_backend, register_autograd, register, register_native, select, use_backend
 
 # --------------------------------------------------------------------------- registered ops
 
@@ -53,17 +53,17 @@ def _embed_setup(ctx, inputs, output):
     ctx.vocab_size, ctx.num_prompts, ctx.insert_at = weight.shape[0], prompts.shape[0], insert_at
 
 
-def _embed_backward(ctx, grad):
+def _embed_backward(ctx, grad, backward_op=_embed_backward_op):
     input_ids, prompt_index, prompt_lens = ctx.saved_tensors
     need_dweight = ctx.needs_input_grad[1]
-    dweight, dprompts = _embed_backward_op(
+    dweight, dprompts = backward_op(
         grad.contiguous(), input_ids, ctx.vocab_size, ctx.num_prompts, prompt_index, prompt_lens,
         ctx.insert_at, need_dweight,
     )
     return None, dweight if need_dweight else None, dprompts, None, None, None
 
 
-_embed_op.register_autograd(_embed_backward, setup_context=_embed_setup)
+register_autograd(_embed_op, _embed_backward, _embed_setup)
 
 
 @torch.library.custom_op("peft_kernels::soft_prompt_concat", mutates_args=())
@@ -104,15 +104,15 @@ def _concat_setup(ctx, inputs, output):
     ctx.insert_at, ctx.replace = insert_at, replace
 
 
-def _concat_backward(ctx, grad):
+def _concat_backward(ctx, grad, backward_op=_concat_backward_op):
     prompt_index, prompt_lens = ctx.saved_tensors
-    dembeds, dprompts = _concat_backward_op(
+    dembeds, dprompts = backward_op(
         grad.contiguous(), ctx.num_prompts, ctx.prompt_len, prompt_index, prompt_lens, ctx.insert_at, ctx.replace
     )
     return dembeds, dprompts, None, None, None, None
 
 
-_concat_op.register_autograd(_concat_backward, setup_context=_concat_setup)
+register_autograd(_concat_op, _concat_backward, _concat_setup)
 
 
 @torch.library.custom_op("peft_kernels::soft_prompt_mask", mutates_args=())
@@ -129,9 +129,79 @@ def _(attention_mask, prompt_len, num_prompts, prompt_index, prompt_lens, insert
     return attention_mask.new_empty(B, L if replace else L + prompt_len)
 
 
+# --------------------------------------------------------------------------- eager autograd
+# In plain eager training the registered ops' autograd formulas run through torch.autograd.Function:
+# the same kernels and backward, without the custom-op dispatcher round trip (CPU, B1 L32 P20 H256
+# fp32, one thread: fwd+bwd 57 us through the custom op, 28 us this way, 21 us embedding + cat).
+# Tracing (torch.compile, export), tensor subclasses, dispatch / function modes and functorch
+# transforms keep the registered custom ops. As there, the backward runs under the backend forced
+# at forward time.
+
+
+def _plain_eager(tensors) -> bool:
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or any(t is not None and type(t) is not Tensor for t in tensors)
+    )
+
+
+def _direct(op: str, forced: Optional[str]):
+    """``op``'s kernel for the backend forced at forward time, called without the custom-op dispatch."""
+    def run(grad_out, *args):
+        if forced_backend() == forced:  # the usual case: skip the context switch (a few us)
+            return select(op, grad_out.device, grad_out, *args)[1](grad_out, *args)
+        with use_backend(forced):
+            return select(op, grad_out.device, grad_out, *args)[1](grad_out, *args)
+    return run
+
+
+class _EmbedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_ids, weight, prompts, prompt_index, prompt_lens, insert_at):
+        args = (input_ids, weight, prompts, prompt_index, prompt_lens, insert_at)
+        out = select("soft_prompt_embed", weight.device, *args)[1](*args)
+        _embed_setup(ctx, args, out)
+        ctx.forced = forced_backend()
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return _embed_backward(ctx, grad, _direct("soft_prompt_embed_backward", ctx.forced))
+
+
+class _ConcatFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, embeds, prompts, prompt_index, prompt_lens, insert_at, replace):
+        args = (embeds, prompts, prompt_index, prompt_lens, insert_at, replace)
+        out = select("soft_prompt_concat", embeds.device, *args)[1](*args)
+        _concat_setup(ctx, args, out)
+        ctx.forced = forced_backend()
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return _concat_backward(ctx, grad, _direct("soft_prompt_concat_backward", ctx.forced))
+
+
+def _embed_autograd(*args):
+    return _EmbedFunction.apply(*args) if _plain_eager(args[:5]) else _embed_op(*args)
+
+
+def _concat_autograd(*args):
+    return _ConcatFunction.apply(*args) if _plain_eager(args[:4]) else _concat_op(*args)
+
+
 for _op in ("soft_prompt_embed", "soft_prompt_embed_backward", "soft_prompt_concat", "soft_prompt_concat_backward"):
     register(_op, "reference", getattr(reference, _op))
 register_native("soft_prompt_embed", "soft_prompt_embed_fwd")
+register_native("soft_prompt_concat", "soft_prompt_concat_fwd")
+register_native("soft_prompt_embed_backward", "soft_prompt_embed_bwd")
+register_native("soft_prompt_concat_backward", "soft_prompt_concat_bwd")
 
 # --------------------------------------------------------------------------- validation
 
@@ -195,7 +265,7 @@ def soft_prompt_embed(
                     f"rows (weight {C.shape_of(weight)}, input_ids {C.shape_of(input_ids)})"
                 )
     args = (input_ids, weight, prompts, prompt_index, prompt_lens, insert_at)
-    return call("soft_prompt_embed", _embed_op, args, weight.device, (weight, prompts))
+    return call("soft_prompt_embed", _embed_autograd, args, weight.device, (weight, prompts))
 
 
 def soft_prompt_concat(
@@ -225,7 +295,7 @@ def soft_prompt_concat(
         C.same_dtype("embeds", embeds, prompts=prompts)
         _check_devices("embeds", embeds, prompts, prompt_index, prompt_lens)
     args = (embeds, prompts, prompt_index, prompt_lens, insert_at, replace)
-    return call("soft_prompt_concat", _concat_op, args, embeds.device, (embeds, prompts))
+    return call("soft_prompt_concat", _concat_autograd, args, embeds.device, (embeds, prompts))
 
 
 def soft_prompt_mask(

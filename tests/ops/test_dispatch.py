@@ -27,7 +27,9 @@ def test_kernel_backend_matches_reference(op, backend, args):
         got = call_public(op, args)
         assert pk.last_backend(op) == backend
     want = getattr(pk.reference, op)(*args)
-    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)  # the reference's prefix_attention also returns the lse
+    assert len(got) <= len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tolerances(w.dtype))
 
@@ -68,9 +70,10 @@ def test_forcing_a_backend_that_cannot_run_here_is_an_error(monkeypatch):
             call_public("multi_lora", args)
 
 
-def test_forced_backend_without_kernel_for_op_uses_next_in_order():
+def test_forced_backend_without_kernel_for_op_uses_next_in_order(monkeypatch):
     args = CASES["soft_prompt_concat"]()[0][1]
-    assert "cpp" not in _dispatch.kernels("soft_prompt_concat")
+    monkeypatch.delitem(_dispatch._KERNELS["soft_prompt_concat"], "cpp", raising=False)  # restored afterwards
+    monkeypatch.setattr(_dispatch, "_SELECTED", {})
     with pk.use_backend("cpp"):
         call_public("soft_prompt_concat", args)
     assert pk.last_backend("soft_prompt_concat") == "reference"
@@ -78,13 +81,12 @@ def test_forced_backend_without_kernel_for_op_uses_next_in_order():
 
 def test_unsupported_shape_falls_back(monkeypatch):
     calls = []
-    _dispatch.register("soft_prompt_concat", "cpp", lambda *a: calls.append(a), supports=lambda *a: "never")
-    try:
-        with pk.use_backend("cpp"):
-            call_public("soft_prompt_concat", CASES["soft_prompt_concat"]()[0][1])
-        assert not calls and pk.last_backend("soft_prompt_concat") == "reference"
-    finally:
-        del _dispatch._KERNELS["soft_prompt_concat"]["cpp"]
+    monkeypatch.setitem(_dispatch._KERNELS["soft_prompt_concat"], "cpp",
+                        _dispatch.Kernel(lambda *a: calls.append(a), supports=lambda *a: "never"))
+    monkeypatch.setattr(_dispatch, "_SELECTED", {})
+    with pk.use_backend("cpp"):
+        call_public("soft_prompt_concat", CASES["soft_prompt_concat"]()[0][1])
+    assert not calls and pk.last_backend("soft_prompt_concat") == "reference"
 
 
 def test_info_reports_every_backend_with_reason():

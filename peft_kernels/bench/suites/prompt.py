@@ -35,10 +35,12 @@ def specs(quick: bool, device: torch.device) -> list[dict]:
         ]
     if gpu:
         H, V, Bs, Ls, Ps, vit = 4096, 32000, (1, 8, 64), (128, 512, 4096), (20, 100), dict(Bs=(8, 64), L=197, H=768, Ps=(10, 50))
-    else:
-        H, V, Bs, Ls, Ps, vit = 256, 4000, (1, 8), (32, 128), (20, 100), dict(Bs=(8,), L=50, H=192, Ps=(10,))
+    else:  # a BERT/GPT-2-sized table and ViT-B/16 tokens: what a CPU trains; B1 rows show the per-call cost
+        H, V, Bs, Ls, Ps, vit = 768, 8000, (1, 8), (128, 512), (20, 100), dict(Bs=(8,), L=197, H=768, Ps=(10, 50))
     out = [dict(mode=m, kind="embed", B=B, L=L, P=P, T=1, H=H, V=V) for m in ("fwd", "fwd+bwd") for B in Bs for L in Ls for P in Ps]
     out += [dict(mode="fwd", kind="embed", B=Bs[-1], L=L, P=P, T=8, H=H, V=V) for L in Ls[1:] for P in Ps]
+    if not gpu:  # multi-task training: per-row prompts, dprompts summed per prompt
+        out += [dict(mode="fwd+bwd", kind="embed", B=Bs[-1], L=Ls[0], P=P, T=8, H=H, V=V) for P in Ps]
     out += [dict(mode=m, kind="concat", B=B, L=vit["L"], P=P, H=vit["H"], T=1, insert_at=1, replace=rep)
             for m in ("fwd", "fwd+bwd") for B in vit["Bs"] for P in vit["Ps"] for rep in (False, True)]
     return out
