@@ -13,6 +13,7 @@ method of :mod:`methods` behind one call).
 from . import reference
 from ._info import info
 from .ops import lora_expand, lora_shrink, multi_lora, prefix_attention, soft_prompt_concat, soft_prompt_embed, soft_prompt_mask
+from .ops import label_word_logits
 from .ops._dispatch import BACKENDS, BackendUnavailableError, last_backend, use_backend
 from . import triton as _triton_kernels  # registers the Triton backend's kernels
 from .integrations.peft import patch, unpatch
@@ -28,6 +29,7 @@ __all__ = [
     "apply",
     "MultiAdapterModel",
     "info",
+    "label_word_logits",
     "last_backend",
     "lora_expand",
     "lora_shrink",

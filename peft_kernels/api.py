@@ -19,6 +19,8 @@
 
 Passing a ``MultiAdapterModel`` (or a ``BottleneckAdapterModel``) as ``model`` adds another adapter
 to it. Wrapping a plain model freezes it first, so only the method's parameters train.
+KPT (a verbalizer, not an adapter) needs its label words: ``KPTVerbalizer(masked_lm, label_words,
+KPTConfig(...))`` (both re-exported here; see :mod:`peft_kernels.methods.kpt`).
 :func:`trainable_state_dict` / :func:`load_trainable_state_dict` save and restore exactly the
 trained tensors of any runner; :func:`method_table` measures each method on fixed reference models.
 """
@@ -35,12 +37,13 @@ from .adapters import (BottleneckConfig, LoraConfig, PrefixTuningConfig, PromptT
 from .methods import freeze as _freeze
 from .methods.bottleneck import BottleneckAdapterModel
 from .methods.freeze import trainable_parameters, trainable_summary
+from .methods.kpt import KPTConfig, KPTVerbalizer
 from .methods.vpt import VisualPromptTuning
 from .multi_adapter import MultiAdapterModel
 
 __all__ = [
-    "BitFitConfig", "BottleneckConfig", "CONFIGS", "HeadTuningConfig", "LayerNormTuningConfig", "LoraConfig",
-    "TopKLayersConfig",
+    "BitFitConfig", "BottleneckConfig", "CONFIGS", "HeadTuningConfig", "KPTConfig", "KPTVerbalizer",
+    "LayerNormTuningConfig", "LoraConfig", "TopKLayersConfig",
     "PTuningConfig", "PTuningV2Config", "PrefixTuningConfig", "PromptTuningConfig", "VPTConfig", "apply",
     "load_trainable_state_dict", "method_table", "method_table_markdown", "trainable_parameters",
     "trainable_state_dict", "trainable_summary",

@@ -1,6 +1,6 @@
 """Pure-torch implementations of every op: the CPU fallback and the test oracle.
 
-Each function implements exactly the contract of DESIGN.md ("Op semantics"), vectorised
+Each function implements exactly the op contract (the public ops' docstrings), vectorised
 (no Python loop over batch rows or adapters), with float32 (or float64) softmax and
 accumulation. Inputs are assumed validated (see ``peft_kernels.ops._checks``).
 
@@ -21,6 +21,10 @@ __all__ = [
     "prefix_attention_backward",
     "multi_lora",
     "multi_lora_backward",
+    "lora_shrink",
+    "lora_shrink_backward",
+    "lora_expand",
+    "lora_expand_backward",
     "soft_prompt_embed",
     "soft_prompt_embed_backward",
     "soft_prompt_concat",
@@ -64,6 +68,18 @@ def _gathered_bank(bank: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
     return bank[idx.clamp(min=0)].to(dtype)
 
 
+def _real_keys_only(keys: Tensor, idx: Tensor, prefix_lens: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                    P: int) -> Tensor:
+    """``keys`` [B, Hkv, P + Lk, D] with every masked slot (-1 row's prefix, slot past prefix_lens,
+    padded key) selected to 0, so NaN/Inf stored there never reaches a product."""
+    real = _slot_valid(idx, prefix_lens, P)
+    if key_padding_mask is not None:
+        real = torch.cat([real, key_padding_mask.to(torch.bool)], dim=1)
+    else:
+        real = torch.cat([real, real.new_ones(real.shape[0], keys.shape[2] - P)], dim=1)
+    return torch.where(real[:, None, :, None], keys, keys.new_zeros(()))
+
+
 def _prefix_attention_probs(q, k, prefix_k, idx, prefix_lens, key_padding_mask, causal, scale):
     """Probabilities and lse over [prefix keys ; sequence keys], grouped by KV head.
 
@@ -74,6 +90,7 @@ def _prefix_attention_probs(q, k, prefix_k, idx, prefix_lens, key_padding_mask, 
     P = prefix_k.shape[2]
     Lk = k.shape[2]
     keys = torch.cat([_gathered_bank(prefix_k, idx, q.dtype), k.to(q.dtype)], dim=2)
+    keys = _real_keys_only(keys, idx, prefix_lens, key_padding_mask, P)
     scores = torch.einsum("bhgqd,bhkd->bhgqk", q, keys) * scale
 
     prefix_ok = _slot_valid(idx, prefix_lens, P)[:, None, :].expand(B, Lq, P)
@@ -101,6 +118,7 @@ def _attention_setup(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key
     qg = q.to(acc).reshape(B, Hkv, Hq // Hkv, Lq, D)
     probs, lse, keys = _prefix_attention_probs(qg, k, prefix_k, idx, prefix_lens, key_padding_mask, causal, scale)
     values = torch.cat([_gathered_bank(prefix_v, idx, acc), v.to(acc)], dim=2)
+    values = _real_keys_only(values, idx, prefix_lens, key_padding_mask, prefix_k.shape[2])
     return qg, probs, lse, keys, values, idx, scale
 
 
@@ -184,30 +202,152 @@ def prefix_attention_backward(
 
 
 # --------------------------------------------------------------------------- multi_lora
+# Every row is computed from its own adapter's real rank slots only, selected by gathers and
+# torch.where (never by multiplying with a 0/1 mask: 0 * NaN = NaN), so NaN/Inf in the rank padding,
+# in an adapter no row uses, in another row's adapter or in a -1 row reach no other output or
+# gradient. Memory: the gathered per-row weights, N * R * H elements per projection.
 
 
-def _rank_mask(ranks: Optional[Tensor], T: int, R: int, device) -> Optional[Tensor]:
+def _take(table: Tensor, rows: Tensor) -> Tensor:
+    """``table[rows]``; zeros when the table is empty (T == 0: every row is -1)."""
+    if table.shape[0] == 0:
+        return table.new_zeros(rows.shape[0], *table.shape[1:])
+    return table[rows]
+
+
+def _row_slots(adapter_index: Optional[Tensor], ranks: Optional[Tensor], T: int, R: int, N: int, device):
+    """(rows [N] int64, clamped to 0 for -1; real [N, R] bool: slot j is a real rank slot of the row's adapter)."""
+    idx = resolve_index(adapter_index, T, N, device)
+    rows = idx.clamp(min=0)
+    real = (idx >= 0)[:, None].expand(N, R)
+    if ranks is not None:
+        real = real & (torch.arange(R, device=device)[None, :] < _take(ranks.to(device=device, dtype=torch.long), rows)[:, None])
+    return rows, real
+
+
+def _bank_slots(ranks: Optional[Tensor], T: int, R: int, device) -> Tensor:
+    """[T, R] bool: the real rank slots of each adapter."""
     if ranks is None:
-        return None
-    slot = torch.arange(R, device=device)
-    return slot[None, :] < ranks.to(device=device, dtype=torch.long)[:, None]  # [T, R]
+        return torch.ones(T, R, dtype=torch.bool, device=device)
+    return torch.arange(R, device=device)[None, :] < ranks.to(device=device, dtype=torch.long)[:, None]
 
 
-def _lora_shrink(x, lora_a, idx, ranks):
-    """fp32 rank-space activations ``h [N, R]`` (zero on -1 rows and rank padding) and one-hot rows."""
-    N = x.shape[0]
-    T, R, H_in = lora_a.shape
+def _row_scale(scaling: Optional[Tensor], rows: Tensor, acc: torch.dtype) -> Optional[Tensor]:
+    return None if scaling is None else _take(scaling.to(device=rows.device, dtype=acc), rows)[:, None]
+
+
+def lora_shrink(
+    x: Tensor,
+    lora_a: Tensor,
+    adapter_index: Optional[Tensor],
+    ranks: Optional[Tensor] = None,
+    scaling: Optional[Tensor] = None,
+) -> Tensor:
+    """Rank-space projection of every row through its own adapter's A.
+
+    Shapes: x [N, H_in]; lora_a [T, R, H_in]; adapter_index [N] or None; ranks [T] or None;
+    scaling [T] or None. Returns h [N, R] in fp32 (fp64 for fp64 x).
+
+    Semantics: h[n, j] = scaling[t] * x[n] . lora_a[t, j] for j < ranks[t], t = adapter_index[n];
+    exactly 0 for j >= ranks[t] and on -1 rows; scaling None means 1.
+    """
+    N, T, R = x.shape[0], lora_a.shape[0], lora_a.shape[1]
     acc = _acc_dtype(x.dtype)
-    a = lora_a.to(acc)
-    mask = _rank_mask(ranks, T, R, x.device)
-    if mask is not None:
-        a = a * mask[:, :, None]
-    onehot = torch.zeros(N, T, dtype=acc, device=x.device)
-    rows = (idx >= 0).nonzero().squeeze(1)
-    onehot[rows, idx[rows]] = 1.0
-    xa = (x.to(acc) @ a.reshape(T * R, H_in).T).reshape(N, T, R)  # every adapter, then select
-    h = (xa * onehot[:, :, None]).sum(1)
-    return h, onehot, a
+    rows, real = _row_slots(adapter_index, ranks, T, R, N, x.device)
+    h = torch.bmm(_take(lora_a.to(acc), rows), x.to(acc)[:, :, None]).squeeze(2)  # [N, R]
+    scale = _row_scale(scaling, rows, acc)
+    if scale is not None:
+        h = h * scale
+    return torch.where(real, h, 0.0)
+
+
+def lora_shrink_backward(
+    grad_h: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    adapter_index: Optional[Tensor],
+    ranks: Optional[Tensor] = None,
+    scaling: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`lora_shrink` w.r.t. x and lora_a.
+
+    Shapes: grad_h [N, R]; returns dx [N, H_in] (x's dtype), dlora_a [T, R, H_in] (lora_a's dtype).
+    Semantics: only real rank slots of grad_h are read; -1 rows get dx = 0 and add nothing;
+    dlora_a[t] sums over adapter t's rows only and is 0 in the rank padding and for unused adapters.
+    """
+    N, T, R = x.shape[0], lora_a.shape[0], lora_a.shape[1]
+    acc = _acc_dtype(x.dtype)
+    rows, real = _row_slots(adapter_index, ranks, T, R, N, x.device)
+    gh = grad_h.to(acc)
+    scale = _row_scale(scaling, rows, acc)
+    if scale is not None:
+        gh = gh * scale
+    gh = torch.where(real, gh, 0.0)
+    a_rows = torch.where(real[:, :, None], _take(lora_a.to(acc), rows), 0.0)
+    dx = torch.bmm(gh[:, None, :], a_rows).squeeze(1)
+    xs = torch.where(real.any(1, keepdim=True), x.to(acc), 0.0)
+    da = torch.zeros(T, R, x.shape[1], dtype=acc, device=x.device)
+    if T:
+        da.index_add_(0, rows, gh[:, :, None] * xs[:, None, :])
+    da = torch.where(_bank_slots(ranks, T, R, x.device)[:, :, None], da, 0.0)
+    return dx.to(x.dtype), da.to(lora_a.dtype)
+
+
+def lora_expand(
+    h: Tensor,
+    lora_b: Tensor,
+    adapter_index: Optional[Tensor],
+    scaling: Tensor,
+    ranks: Optional[Tensor] = None,
+    base: Optional[Tensor] = None,
+) -> Tensor:
+    """Every row's rank-space vector through its own adapter's B, plus base.
+
+    Shapes: h [N, R] (fp32, fp64 or lora_b's dtype); lora_b [T, H_out, R]; adapter_index [N] or None;
+    scaling [T]; ranks [T] or None; base [N, H_out] or None. Returns y [N, H_out] in lora_b's dtype.
+
+    Semantics: y[n] = base[n] + scaling[t] * sum_{j < ranks[t]} h[n, j] * lora_b[t, :, j] with
+    t = adapter_index[n], summed in fp32; -1 rows get base[n] (0 without base); h[n, j >= ranks[t]]
+    is never read.
+    """
+    N, T, R = h.shape[0], lora_b.shape[0], lora_b.shape[2]
+    acc = _acc_dtype(lora_b.dtype)
+    rows, real = _row_slots(adapter_index, ranks, T, R, N, h.device)
+    hs = torch.where(real, h.to(acc) * _row_scale(scaling, rows, acc), 0.0)
+    b_rows = torch.where(real[:, None, :], _take(lora_b.to(acc), rows), 0.0)  # [N, H_out, R]
+    y = torch.bmm(b_rows, hs[:, :, None]).squeeze(2)
+    if base is not None:
+        y = y + base.to(acc)
+    return y.to(lora_b.dtype)
+
+
+def lora_expand_backward(
+    grad_y: Tensor,
+    h: Tensor,
+    lora_b: Tensor,
+    adapter_index: Optional[Tensor],
+    scaling: Tensor,
+    ranks: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`lora_expand` w.r.t. h and lora_b (dbase is grad_y itself).
+
+    Shapes: grad_y [N, H_out]; returns dh [N, R] (h's dtype), dlora_b [T, H_out, R] (lora_b's dtype).
+    Semantics: dh is 0 in the rank padding and on -1 rows; dlora_b[t] sums over adapter t's rows
+    only and is 0 in the rank padding and for unused adapters.
+    """
+    N, T, R = h.shape[0], lora_b.shape[0], lora_b.shape[2]
+    acc = _acc_dtype(lora_b.dtype)
+    rows, real = _row_slots(adapter_index, ranks, T, R, N, h.device)
+    scale = _row_scale(scaling, rows, acc)
+    g = torch.where(real.any(1, keepdim=True), grad_y.to(acc) * scale, 0.0)  # [N, H_out]
+    b_rows = torch.where(real[:, None, :], _take(lora_b.to(acc), rows), 0.0)
+    dh = torch.where(real, torch.bmm(g[:, None, :], b_rows).squeeze(1), 0.0)
+    hm = torch.where(real, h.to(acc), 0.0)
+    db = torch.zeros(T, lora_b.shape[1], R, dtype=acc, device=h.device)
+    if T:
+        db.index_add_(0, rows, g[:, :, None] * hm[:, None, :])
+    db = torch.where(_bank_slots(ranks, T, R, h.device)[:, None, :], db, 0.0)
+    return dh.to(h.dtype), db.to(lora_b.dtype)
 
 
 def multi_lora(
@@ -226,24 +366,10 @@ def multi_lora(
 
     Semantics: y[n] = base[n] + scaling[t] * (x[n] @ lora_a[t, :r].T @ lora_b[t, :, :r].T) with
     t = adapter_index[n], r = ranks[t]; -1 rows get base[n] (0 without base); the rank-space
-    intermediate and the sum are fp32.
+    intermediate and the sum are fp32: :func:`lora_expand` of :func:`lora_shrink`.
     """
-    N = x.shape[0]
-    T, R, _ = lora_a.shape
-    H_out = lora_b.shape[1]
-    acc = _acc_dtype(x.dtype)
-    idx = resolve_index(adapter_index, T, N, x.device)
-    h, onehot, _ = _lora_shrink(x, lora_a, idx, ranks)
-    # Place h[n] in the row's own adapter slot of a [N, T * R] matrix, then one dense matmul.
-    hs = onehot[:, :, None] * h[:, None, :] * scaling.to(device=x.device, dtype=acc)[None, :, None]
-    b = lora_b.to(acc).permute(0, 2, 1).reshape(T * R, H_out)
-    mask = _rank_mask(ranks, T, R, x.device)
-    if mask is not None:
-        b = b * mask.reshape(T * R, 1)
-    y = hs.reshape(N, T * R) @ b
-    if base is not None:
-        y = y + base.to(acc)
-    return y.to(x.dtype)
+    h = lora_shrink(x, lora_a, adapter_index, ranks)
+    return lora_expand(h, lora_b, adapter_index, scaling, ranks, base)
 
 
 def multi_lora_backward(
@@ -259,40 +385,25 @@ def multi_lora_backward(
 
     Shapes: grad_y [N, H_out]; returns dx [N, H_in], dlora_a [T, R, H_in], dlora_b [T, H_out, R].
     Semantics: each adapter's grads sum over its own rows only; padding rows/columns of
-    smaller-rank adapters get zero grad; -1 rows contribute nothing.
+    smaller-rank adapters and unused adapters get zero grad; -1 rows contribute nothing.
     """
-    N, H_in = x.shape
-    T, R, _ = lora_a.shape
-    H_out = lora_b.shape[1]
-    acc = _acc_dtype(x.dtype)
-    idx = resolve_index(adapter_index, T, N, x.device)
-    h, onehot, a = _lora_shrink(x, lora_a, idx, ranks)  # h [N, R]
-    scale_row = onehot @ scaling.to(device=x.device, dtype=acc)  # [N], 0 on -1 rows
-    b = lora_b.to(acc)
-    mask = _rank_mask(ranks, T, R, x.device)
-    if mask is not None:
-        b = b * mask[:, None, :]
-    g = grad_y.to(acc) * scale_row[:, None]  # [N, H_out]
-    # dh[n] = g[n] @ B[t]: all adapters then select the row's own (dense, no loop).
-    dh_all = (g @ b.permute(1, 0, 2).reshape(H_out, T * R)).reshape(N, T, R)
-    dh = (dh_all * onehot[:, :, None]).sum(1)  # [N, R]
-    dx = (dh[:, None, :] * onehot[:, :, None]).reshape(N, T * R) @ a.reshape(T * R, H_in)
-    # dB[t] = sum_{n in t} g[n]^T h[n];  dA[t] = sum_{n in t} dh[n]^T x[n]
-    dlora_b = torch.einsum("nt,no,nr->tor", onehot, g, h)
-    dlora_a = torch.einsum("nt,nr,ni->tri", onehot, dh, x.to(acc))
-    if mask is not None:
-        dlora_b = dlora_b * mask[:, None, :]
-        dlora_a = dlora_a * mask[:, :, None]
-    return dx.to(x.dtype), dlora_a.to(lora_a.dtype), dlora_b.to(lora_b.dtype)
+    h = lora_shrink(x, lora_a, adapter_index, ranks)
+    dh, dlora_b = lora_expand_backward(grad_y, h, lora_b, adapter_index, scaling, ranks)
+    dx, dlora_a = lora_shrink_backward(dh, x, lora_a, adapter_index, ranks)
+    return dx, dlora_a, dlora_b
 
 
 # --------------------------------------------------------------------------- soft prompts
 
 
 def _prompt_block(prompts: Tensor, idx: Tensor, prompt_lens: Optional[Tensor]) -> Tensor:
-    """``[B, P, H]``: each row's prompt, zeros on -1 rows and slots past prompt_lens."""
+    """``[B, P, H]``: each row's prompt, zeros on -1 rows and slots past prompt_lens.
+
+    Semantics: a masked slot is selected away (``where``), never multiplied by 0, so NaN/Inf
+    stored there cannot leak into the result.
+    """
     valid = _slot_valid(idx, prompt_lens, prompts.shape[1])
-    return prompts[idx.clamp(min=0)] * valid[:, :, None].to(prompts.dtype)
+    return torch.where(valid[:, :, None], prompts[idx.clamp(min=0)], prompts.new_zeros(()))
 
 
 def soft_prompt_concat(
@@ -334,14 +445,15 @@ def soft_prompt_concat_backward(
     Shapes: grad_out [B, L + P, H] (or [B, L, H] with replace), P = prompt_len; returns
     dembeds [B, L, H] and dprompts [num_prompts, P, H] in grad_out's dtype.
     Semantics: dembeds is grad_out without the prompt slots (zeros there with replace);
-    dprompts[t] is the fp32 sum of the prompt slots of the rows using t (zero past prompt_lens).
+    dprompts[t] is the fp32 sum of the prompt slots of the rows using t (zero past prompt_lens);
+    grads of masked slots (-1 rows, past prompt_lens) are selected away, so NaN/Inf there is ignored.
     """
     B, _, H = grad_out.shape
     T, P = num_prompts, prompt_len
     acc = _acc_dtype(grad_out.dtype)
     idx = resolve_index(prompt_index, T, B, grad_out.device)
     g_prompt = grad_out[:, insert_at : insert_at + P].to(acc)
-    g_prompt = g_prompt * _slot_valid(idx, prompt_lens, P)[:, :, None].to(acc)
+    g_prompt = torch.where(_slot_valid(idx, prompt_lens, P)[:, :, None], g_prompt, g_prompt.new_zeros(()))
     dprompts = torch.zeros(T, P, H, dtype=acc, device=grad_out.device)
     rows = (idx >= 0).nonzero().squeeze(1)
     dprompts.index_add_(0, idx[rows], g_prompt[rows])
@@ -425,3 +537,160 @@ def soft_prompt_mask(
     slots = _slot_valid(idx, prompt_lens, prompt_len).to(attention_mask.dtype)
     tail = attention_mask[:, insert_at + prompt_len :] if replace else attention_mask[:, insert_at:]
     return torch.cat([attention_mask[:, :insert_at], slots, tail], dim=1)
+
+
+# --------------------------------------------------------------------------- label_word_logits (KPT verbalizer)
+# The vocabulary normaliser streams over tiles of the vocabulary, so no [N, V] tensor exists at
+# once; the label-word part is a gather of W rows of the head and a per-class logsumexp.
+
+_LABEL_WORD_VOCAB_TILE = 4096
+
+
+def _word_classes(class_offsets: Tensor, num_words: int) -> Tensor:
+    """``[W]`` int64: the class of each label word (word w belongs to class c iff offsets[c] <= w < offsets[c+1])."""
+    counts = (class_offsets[1:] - class_offsets[:-1]).long()
+    classes = torch.arange(counts.shape[0], device=class_offsets.device)
+    return torch.repeat_interleave(classes, counts, output_size=num_words)
+
+
+def _word_log_mix(word_classes: Tensor, class_offsets: Tensor, word_weights: Optional[Tensor],
+                  calibration: Optional[Tensor], acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(log alpha_w - log calibration_w, alpha_w), both ``[W]`` in ``acc``.
+
+    Semantics: alpha is 1/|class| without word_weights, else softmax(word_weights) within each class.
+    """
+    C = class_offsets.shape[0] - 1
+    if word_weights is None:
+        counts = (class_offsets[1:] - class_offsets[:-1]).to(acc)
+        log_alpha = -torch.log(counts)[word_classes]
+    else:
+        ww = word_weights.to(acc)
+        log_alpha = ww - _segment_logsumexp(ww[None], word_classes, C)[0][word_classes]
+    mix = log_alpha if calibration is None else log_alpha - torch.log(calibration.to(acc))
+    return mix, log_alpha.exp()
+
+
+def _segment_logsumexp(x: Tensor, word_classes: Tensor, num_classes: int) -> Tensor:
+    """``[N, C]``: logsumexp of x ``[N, W]`` over each class's words (max-shifted, fp of x)."""
+    N = x.shape[0]
+    index = word_classes[None].expand(N, -1)
+    m = x.new_full((N, num_classes), float("-inf")).scatter_reduce(1, index, x, "amax", include_self=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = x.new_zeros(N, num_classes).index_add_(1, word_classes, torch.exp(x - m[:, word_classes]))
+    return torch.log(s) + m
+
+
+def _vocab_tiles(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], acc: torch.dtype):
+    """Yield (v0, v1, w, z): the tile w = weight[v0:v1] and z = hidden @ w.T + bias[v0:v1], both in ``acc``."""
+    V = weight.shape[0]
+    for v0 in range(0, V, _LABEL_WORD_VOCAB_TILE):
+        v1 = min(V, v0 + _LABEL_WORD_VOCAB_TILE)
+        w = weight[v0:v1].to(acc)
+        z = hidden @ w.T
+        if bias is not None:
+            z = z + bias[v0:v1].to(acc)
+        yield v0, v1, w, z
+
+
+def _label_word_terms(hidden, weight, bias, word_ids, class_offsets, word_weights, calibration, lse):
+    """(h, gathered rows, word classes, l [N, W], y [N, C], alpha [W], lse [N]) in acc, for forward and backward."""
+    acc = _acc_dtype(hidden.dtype)
+    h = hidden.to(acc)
+    ids = word_ids.long()
+    rows = weight[ids].to(acc)
+    zw = h @ rows.T
+    if bias is not None:
+        zw = zw + bias[ids].to(acc)
+    classes = _word_classes(class_offsets, ids.shape[0])
+    mix, alpha = _word_log_mix(classes, class_offsets, word_weights, calibration, acc)
+    if lse is None:
+        lse = h.new_full((h.shape[0],), float("-inf"))
+        for _, _, _, z in _vocab_tiles(h, weight, bias, acc):
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+    logits = zw - lse[:, None] + mix
+    y = _segment_logsumexp(logits, classes, class_offsets.shape[0] - 1)
+    return h, rows, classes, logits, y, alpha, lse
+
+
+def label_word_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    word_ids: Tensor,
+    class_offsets: Tensor,
+    word_weights: Optional[Tensor],
+    calibration: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """KPT verbalizer: class log-scores from the label words' (calibrated) vocabulary probabilities.
+
+    Shapes: hidden [N, H]; weight [V, H]; bias [V] or None; word_ids [W] int; class_offsets [C+1]
+    int (class c owns words class_offsets[c]:class_offsets[c+1], none empty); word_weights [W] or
+    None; calibration [W] (positive priors) or None. Returns (y [N, C] in hidden's dtype,
+    lse [N] fp32 (fp64 for fp64)).
+
+    Semantics: z[n, v] = hidden[n] . weight[v] + bias[v]; lse[n] = logsumexp_v z[n, v];
+    log p[n, w] = z[n, word_ids[w]] - lse[n]; y[n, c] = log sum_{w in c} alpha_w p[n, w] / calibration[w]
+    with alpha_w = 1/|c| (word_weights None: the mean) or softmax of word_weights within c.
+    """
+    _, _, _, _, y, _, lse = _label_word_terms(hidden, weight, bias, word_ids, class_offsets, word_weights,
+                                              calibration, None)
+    return y.to(hidden.dtype), lse
+
+
+def label_word_logits_backward(
+    grad_y: Tensor,
+    grad_lse: Optional[Tensor],
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    word_ids: Tensor,
+    class_offsets: Tensor,
+    word_weights: Optional[Tensor],
+    calibration: Optional[Tensor],
+    lse: Tensor,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`label_word_logits` (y and lse) by hidden, weight, bias and word_weights.
+
+    Shapes: grad_y [N, C]; grad_lse [N] or None; lse [N] (the forward's). Returns dhidden [N, H],
+    dweight [V, H] ([0, H] unless need_dweight), dbias [V] ([0] unless need_dbias and bias is given),
+    dword_weights [W] ([0] without word_weights), each in its input's dtype.
+
+    Semantics: with r[n, w] the share of word w in its class's sum and G[n] = sum_c grad_y[n, c] -
+    grad_lse[n]: dz[n, v] = sum_{w: word_ids[w] = v} grad_y[n, c(w)] r[n, w] - G[n] softmax(z[n])[v];
+    dhidden = dz @ weight, dweight = dz^T @ hidden, dbias = dz summed over rows (all streamed over
+    vocabulary tiles); dword_weights[w] = sum_n grad_y[n, c(w)] (r[n, w] - alpha_w). calibration is a constant.
+    """
+    h, rows, classes, logits, y, alpha, _ = _label_word_terms(
+        hidden, weight, bias, word_ids, class_offsets, word_weights, calibration, lse)
+    acc = h.dtype
+    gy = grad_y.to(acc)
+    dl = gy[:, classes] * torch.exp(logits - y[:, classes])
+    G = gy.sum(1)
+    if grad_lse is not None:
+        G = G - grad_lse.to(acc)
+    V, H = weight.shape
+    dh = dl @ rows
+    dweight = h.new_zeros(V, H) if need_dweight else weight.new_zeros(0, H)
+    need_dbias = need_dbias and bias is not None
+    dbias = h.new_zeros(V) if need_dbias else hidden.new_zeros(0)
+    for v0, v1, w, z in _vocab_tiles(h, weight, bias, acc):
+        gp = G[:, None] * torch.exp(z - lse.to(acc)[:, None])
+        dh = dh - gp @ w
+        if need_dweight:
+            dweight[v0:v1] = -(gp.T @ h)
+        if need_dbias:
+            dbias[v0:v1] = -gp.sum(0)
+    ids = word_ids.long()
+    if need_dweight:
+        dweight.index_add_(0, ids, dl.T @ h)
+        dweight = dweight.to(weight.dtype)
+    if need_dbias:
+        dbias.index_add_(0, ids, dl.sum(0))
+        dbias = dbias.to(bias.dtype)
+    if word_weights is None:
+        dww = hidden.new_zeros(0)
+    else:
+        dww = (dl.sum(0) - alpha * gy.sum(0)[classes]).to(word_weights.dtype)
+    return dh.to(hidden.dtype), dweight, dbias, dww

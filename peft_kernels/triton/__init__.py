@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-KERNEL_MODULES: tuple[str, ...] = ("soft_prompt", "prefix_attention", "multi_lora")
+KERNEL_MODULES: tuple[str, ...] = ("soft_prompt", "prefix_attention", "multi_lora", "label_words")
 LOAD_ERRORS: dict[str, str] = {}
 
 try:
