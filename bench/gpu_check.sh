@@ -3,13 +3,17 @@
 # internet), finishing within 9 minutes in all:
 #
 #   1. pip install --no-deps --no-build-isolation -e .   (builds _C and _C_cuda; TORCH_CUDA_ARCH_LIST=9.0a)
+#   1b. python tools/tune_decode_table.py               (autotunes the decode launches, opt-in
+#                                                        PEFT_KERNELS_AUTOTUNE=1, and rewrites the committed
+#                                                        config table for this GPU: the tests and the bench
+#                                                        below then run it; a copy lands in $OUT/configs)
 #   2. python -m peft_kernels info
 #   3. python -m pytest -m gpu -q                       (any failure makes the script exit non-zero,
 #                                                        after the bench has run and the logs are kept)
 #   4. python -m peft_kernels bench --quick --out $OUT/bench
 #
 # Every step runs under `timeout`, with its limit cut so the steps after it keep their share.
-# Everything lands in $OUT (default ./gpu_check_out): env.log, build.log, info.log, pytest_gpu.log,
+# Everything lands in $OUT (default ./gpu_check_out): env.log, build.log, tune.log, configs/decode.json, info.log, pytest_gpu.log,
 # pytest_gpu.xml, bench.log, bench/results.{json,md}, bench/*.png, summary.txt.
 #
 #   OUT=/tmp/x bash bench/gpu_check.sh
@@ -69,7 +73,20 @@ if [[ "$HAS_CUDA" == 1 || "${GPU_CHECK_FORCE_BUILD:-0}" == 1 ]]; then
     fi
 else
     echo "no CUDA device: build skipped (set GPU_CHECK_FORCE_BUILD=1 to run it); using this checkout as is" > "$OUT/build.log"
-    note "build: skipped (no CUDA device)"
+    note "build: skipped (no CUDA device: GPU-only step)"
+fi
+
+# 1b. the decode config table, autotuned on this GPU (bf16 and fp16, D = 128: what fits the budget; the
+#     other entries keep their committed compile-screened guesses). A timeout keeps the committed table.
+if [[ "$HAS_CUDA" == 1 ]]; then
+    if ! step tune 120 290 $PY "$ROOT/tools/tune_decode_table.py" --dtypes bf16,fp16 --head-dims 128 \
+            --copy-to "$OUT/configs"; then
+        STATUS=1
+        note "tune FAILED: see tune.log (the tests run the committed table)"
+    fi
+else
+    echo "no CUDA device: the decode config table cannot be autotuned here; the committed table is used" > "$OUT/tune.log"
+    note "tune: skipped (no CUDA device: GPU-only step)"
 fi
 
 # 2. info

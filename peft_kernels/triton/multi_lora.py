@@ -52,15 +52,16 @@ both operands are fp32) TF32 tensor-core products give ~fp32 accuracy with fp32 
 (16-bit operands are exact in TF32). Two 16-bit operands use the native 16-bit ``tl.dot``.
 fp64 is not supported (``supports`` says so; the dispatcher falls back to the reference).
 
-Autotuning (GPU only): small config lists per kernel keyed on the shapes, the host-chosen
-``BLOCK_M`` and split counts; under ``TRITON_INTERPRET=1`` a single small config.
-``PEFT_KERNELS_AUTOTUNE=0`` keeps only the first (default) config on the GPU too. Autotuning
-runs on the first call of each shape: warm up before capturing a CUDA graph.
+Configs (GPU only): small config lists per kernel keyed on the shapes, the host-chosen
+``BLOCK_M`` and split counts, pruned to the GPU's shared memory; under ``TRITON_INTERPRET=1`` a
+single small config. Decode-sized shrink/expand launches (N <= 64) take their config from the
+committed table (``configs/decode.json``) and never autotune, so a decode step can be captured
+in a CUDA graph; other launches autotune on the first call of each shape
+(``PEFT_KERNELS_AUTOTUNE``: see ``_tuning``).
 """
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import weakref
 from typing import Optional
@@ -71,11 +72,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops._dispatch import register
+from ._common import INTERPRET as _INTERPRET
+from ._common import on_tensor_device, sm_count, sort_segments
+from ._tuning import drop_spilling, launch, smem_limit, tuned
 
-__all__ = ["multi_lora", "multi_lora_backward", "clear_segment_cache", "segment_metadata"]
+__all__ = ["multi_lora", "multi_lora_backward", "lora_shrink", "lora_shrink_backward", "lora_expand",
+           "lora_expand_backward", "clear_segment_cache", "segment_metadata"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_AUTOTUNE = os.environ.get("PEFT_KERNELS_AUTOTUNE", "1") != "0"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -289,49 +292,99 @@ def _segsum_kernel(
 
 
 def _configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
-    if _INTERPRET:
-        return [interp]
-    return gpu if _AUTOTUNE else gpu[:1]
+    return [interp] if _INTERPRET else gpu
 
 
-_shrink = triton.autotune(
-    configs=_configs(
-        [
-            triton.Config({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_R": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_R": 32, "BLOCK_K": 256}, num_warps=8, num_stages=3),
-        ],
-        triton.Config({"BLOCK_R": 16, "BLOCK_K": 64}, num_warps=1, num_stages=1),
-    ),
-    key=["K", "R", "SPLIT", "BLOCK_M", "HAS_SCALE"],
-)(_shrink_kernel)
+# Shared-memory operand tiles per pipeline stage, as (rows, cols, operand) over the config's block
+# sizes; operand "a"/"b" has the element size of that kernel's first/second operand.
+_SMEM_TILES = {
+    "shrink": (("BLOCK_M", "BLOCK_K", "a"), ("BLOCK_K", "BLOCK_R", "b")),
+    "expand": (("BLOCK_M", "BLOCK_R", "a"), ("BLOCK_R", "BLOCK_N", "b")),
+    "segsum": (("BLOCK_HD", "BLOCK_M", "a"), ("BLOCK_M", "BLOCK_RK", "b")),
+}
 
-_expand = triton.autotune(
-    configs=_configs(
-        [
-            triton.Config({"BLOCK_N": 128, "BLOCK_R": 16}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_N": 64, "BLOCK_R": 16}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_N": 128, "BLOCK_R": 32}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_N": 256, "BLOCK_R": 32}, num_warps=8, num_stages=2),
-        ],
-        triton.Config({"BLOCK_N": 64, "BLOCK_R": 16}, num_warps=1, num_stages=1),
-    ),
-    key=["NOUT", "R", "SPLIT", "BLOCK_M", "HAS_BASE"],
-)(_expand_kernel)
 
-_segsum = triton.autotune(
-    configs=_configs(
-        [
-            triton.Config({"BLOCK_M": 32, "BLOCK_HD": 128, "BLOCK_RK": 32}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 32, "BLOCK_HD": 64, "BLOCK_RK": 16}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_HD": 128, "BLOCK_RK": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_HD": 64, "BLOCK_RK": 32}, num_warps=4, num_stages=3),
-        ],
-        triton.Config({"BLOCK_M": 16, "BLOCK_HD": 64, "BLOCK_RK": 16}, num_warps=1, num_stages=1),
-    ),
-    key=["HD", "R", "CHUNKS", "N_BUCKET", "HAS_SCALE"],
-)(_segsum_kernel)
+def smem_estimate(kernel: str, config, sizes: dict, esize_a: int, esize_b: int) -> int:
+    """Bytes of shared memory a config of ``kernel`` ("shrink", "expand", "segsum") needs at most.
+
+    Semantics: num_stages copies of both operand tiles; ``sizes`` supplies the block sizes the host
+    picks (BLOCK_M of shrink and expand). With an fp32 operand both tiles count 8 bytes an element
+    (fp32, split into TF32 hi + lo; the 16-bit operand is widened to meet it).
+    """
+    blocks = {**sizes, **config.kwargs}
+    wide = 4 in (esize_a, esize_b)
+    total = 0
+    for rows, cols, which in _SMEM_TILES[kernel]:
+        esize = 8 if wide else (esize_a if which == "a" else esize_b)
+        total += blocks[rows] * blocks[cols] * esize
+    return total * max(config.num_stages, 1)
+
+
+# (first operand, second operand) of each kernel, as launch arguments; the argument whose dtype is the call's
+_OPERANDS = {"shrink": ("x_ptr", "w_ptr"), "expand": ("h_ptr", "w_ptr"), "segsum": ("p_ptr", "q_ptr")}
+_DTYPE_ARG = {"shrink": "w_ptr", "expand": "w_ptr", "segsum": "p_ptr"}
+
+
+def _pruner(kernel: str):
+    def prune(configs, named, arch: int, screen_spills: bool = True) -> list:
+        """Drop configs over the arch's shared memory and (``screen_spills``) configs the compile
+        check saw spill, keeping at least one (the smallest)."""
+        a, b = (named[n].element_size() for n in _OPERANDS[kernel])
+        limit = smem_limit(arch)
+        kept = [c for c in configs if smem_estimate(kernel, c, named, a, b) <= limit]
+        kept = kept or [min(configs, key=lambda c: smem_estimate(kernel, c, named, a, b))]
+        if screen_spills:
+            kept = drop_spilling(f"multi_lora.{kernel}", kept, named[_DTYPE_ARG[kernel]].dtype, "-", arch)
+        return kept
+
+    return prune
+
+
+def _decode_bucket(N: int, block_m: int, R: int) -> Optional[str]:
+    """The launch's row in the decode config table (N <= 64 rows), or None."""
+    if N > 64:
+        return None
+    return f"block_m={block_m},r={min(triton.next_power_of_2(max(R, 1)), 256)}"
+
+
+# Decode shapes the committed config table covers: each BLOCK_M the host picks for N <= 64, ranks 16 and 64.
+DECODE_SHAPES = tuple(dict(N=N, T=T, R=R, H=256) for N, T in ((16, 4), (32, 1), (64, 1)) for R in (16, 64))
+
+
+# The GPU config lists (first: the default), by kernel; the arch-aware pruners screen them.
+GPU_CONFIGS = {
+    "shrink": [
+        triton.Config({"BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_R": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_R": 32, "BLOCK_K": 256}, num_warps=8, num_stages=3),
+    ],
+    "expand": [
+        triton.Config({"BLOCK_N": 128, "BLOCK_R": 16}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 64, "BLOCK_R": 16}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 128, "BLOCK_R": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 256, "BLOCK_R": 32}, num_warps=8, num_stages=2),
+    ],
+    "segsum": [
+        triton.Config({"BLOCK_M": 32, "BLOCK_HD": 128, "BLOCK_RK": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_HD": 64, "BLOCK_RK": 16}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_HD": 128, "BLOCK_RK": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_HD": 64, "BLOCK_RK": 32}, num_warps=4, num_stages=3),
+    ],
+}
+# Under the interpreter one small config per kernel.
+_INTERP_CONFIGS = {
+    "shrink": triton.Config({"BLOCK_R": 16, "BLOCK_K": 64}, num_warps=1, num_stages=1),
+    "expand": triton.Config({"BLOCK_N": 64, "BLOCK_R": 16}, num_warps=1, num_stages=1),
+    "segsum": triton.Config({"BLOCK_M": 16, "BLOCK_HD": 64, "BLOCK_RK": 16}, num_warps=1, num_stages=1),
+}
+
+_shrink = tuned(_shrink_kernel, _configs(GPU_CONFIGS["shrink"], _INTERP_CONFIGS["shrink"]),
+                ["K", "R", "SPLIT", "BLOCK_M", "HAS_SCALE"], _pruner("shrink"))
+_expand = tuned(_expand_kernel, _configs(GPU_CONFIGS["expand"], _INTERP_CONFIGS["expand"]),
+                ["NOUT", "R", "SPLIT", "BLOCK_M", "HAS_BASE"], _pruner("expand"))
+_segsum = tuned(_segsum_kernel, _configs(GPU_CONFIGS["segsum"], _INTERP_CONFIGS["segsum"]),
+                ["HD", "R", "CHUNKS", "N_BUCKET", "HAS_SCALE"], _pruner("segsum"))
 
 
 # --------------------------------------------------------------------------- segment metadata
@@ -383,12 +436,10 @@ def _build_segments(adapter_index: Optional[Tensor], N: int, T: int, device: tor
             starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=device),
                                 torch.arange(N + 1, dtype=torch.int64, device=device)])
         return SegmentMeta(order, starts, N, T)
-    idx = adapter_index.reshape(-1)
-    sorted_keys, order = torch.sort(idx, stable=True)
-    inner = torch.searchsorted(sorted_keys, torch.arange(T, dtype=idx.dtype, device=device))
+    order, inner = sort_segments(adapter_index.reshape(-1), T)
     # starts[0] = 0 and starts[T + 1] = N: out-of-range keys (only possible with validate=False)
     # fold into the -1 segment / the last adapter instead of leaving rows unwritten.
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), inner.to(torch.int64),
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), inner[:T].to(torch.int64),
                         torch.full((1,), N, dtype=torch.int64, device=device)])
     return SegmentMeta(order.to(torch.int64), starts, N, T)
 
@@ -443,26 +494,17 @@ def segment_metadata(adapter_index: Optional[Tensor], N: int, T: int, device: to
 # --------------------------------------------------------------------------- launch helpers
 
 
-_SMS: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
-
-
 def _pow2_floor(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
 
 def _block_m(N: int, T: int) -> int:
     """Rows per tile: from the mean rows per adapter (a host-side guess; no sync)."""
-    if _INTERPRET:
-        return 16
+    return 16 if _INTERPRET else gpu_block_m(N, T)
+
+
+def gpu_block_m(N: int, T: int) -> int:
+    """The rows per tile a GPU launch uses for N rows over T adapters (16, 32 or 64)."""
     mean = triton.cdiv(N, max(1, min(T, N)))
     return 16 if mean <= 16 else 32 if mean <= 48 else 64
 
@@ -473,7 +515,7 @@ def _split_k(N: int, T: int, R: int, K: int, block_m: int, device: torch.device)
         return triton.cdiv(K, 1024) if (N <= 8 and K >= 2048) else 1
     if K < 1024:
         return 1
-    sms = _num_sms(device)
+    sms = sm_count(device)
     programs = (triton.cdiv(N, block_m) + min(T, N)) * max(1, triton.cdiv(R, 32))
     if programs >= sms:
         return 1
@@ -486,7 +528,7 @@ def _row_chunks(N: int, T: int, R: int, HD: int, device: torch.device) -> int:
         return 2 if (N >= 32 and T == 1) else 1
     if N < 1024:
         return 1
-    sms = _num_sms(device)
+    sms = sm_count(device)
     programs = min(T, N) * triton.cdiv(HD, 128) * max(1, triton.cdiv(R, 32))
     if programs >= sms:
         return 1
@@ -508,15 +550,17 @@ def _shrink_impl(x: Tensor, w: Tensor, w_strides: tuple[int, int, int], scaling:
     tiles = meta.tiles(block_m)
     G = tiles.shape[0]
     grid = lambda META: (G, triton.cdiv(R, META["BLOCK_R"]), split)  # noqa: E731
-    _shrink[grid](
-        out, x, w, scaling, ranks if ranks is not None else scaling, meta.order, tiles,
-        K, R, split,
-        x.stride(0), x.stride(1),
-        w_strides[0], w_strides[1], w_strides[2],
-        out.stride(0), out.stride(1),
-        HAS_RANKS=ranks is not None, HAS_SCALE=scale,
-        X_F32=x.dtype == torch.float32, W_F32=w.dtype == torch.float32,
-        BLOCK_M=block_m,
+    launch(
+        _shrink, grid,
+        (out, x, w, scaling, ranks if ranks is not None else scaling, meta.order, tiles,
+         K, R, split,
+         x.stride(0), x.stride(1),
+         w_strides[0], w_strides[1], w_strides[2],
+         out.stride(0), out.stride(1)),
+        dict(HAS_RANKS=ranks is not None, HAS_SCALE=scale,
+             X_F32=x.dtype == torch.float32, W_F32=w.dtype == torch.float32,
+             BLOCK_M=block_m),
+        kernel="multi_lora.shrink", dtype=x.dtype, bucket=_decode_bucket(N, block_m, R),
     )
     return out
 
@@ -529,16 +573,18 @@ def _expand_impl(y: Tensor, h: Tensor, w: Tensor, w_strides: tuple[int, int, int
     tiles = meta.tiles(block_m)
     G = tiles.shape[0]
     grid = lambda META: (G, triton.cdiv(NOUT, META["BLOCK_N"]))  # noqa: E731
-    _expand[grid](
-        y, h, w, base if base is not None else y, scaling, ranks if ranks is not None else scaling,
-        meta.order, tiles,
-        NOUT, R, h.shape[0],
-        h.stride(0), h.stride(1),
-        w_strides[0], w_strides[1], w_strides[2],
-        y.stride(0), base.stride(0) if base is not None else 0,
-        HAS_RANKS=ranks is not None, HAS_SCALE=scale, HAS_BASE=base is not None,
-        W_F32=w.dtype == torch.float32,
-        BLOCK_M=block_m,
+    launch(
+        _expand, grid,
+        (y, h, w, base if base is not None else y, scaling, ranks if ranks is not None else scaling,
+         meta.order, tiles,
+         NOUT, R, h.shape[0],
+         h.stride(0), h.stride(1),
+         w_strides[0], w_strides[1], w_strides[2],
+         y.stride(0), base.stride(0) if base is not None else 0),
+        dict(HAS_RANKS=ranks is not None, HAS_SCALE=scale, HAS_BASE=base is not None,
+             W_F32=w.dtype == torch.float32,
+             BLOCK_M=block_m),
+        kernel="multi_lora.expand", dtype=y.dtype, bucket=_decode_bucket(N, block_m, R),
     )
     return y
 
@@ -561,12 +607,14 @@ def _segsum_impl(out_shape: tuple[int, int, int], out_dtype: torch.dtype, hd_las
     else:
         stride_oh, stride_or = buf.stride(2), buf.stride(3)
     grid = lambda META: (T * chunks, triton.cdiv(HD, META["BLOCK_HD"]), triton.cdiv(R, META["BLOCK_RK"]))  # noqa: E731
-    _segsum[grid](
-        buf, p, q, scaling, ranks if ranks is not None else scaling, meta.order, meta.starts,
-        HD, R, chunks, _n_bucket(N),
-        p.stride(0), q.stride(0),
-        buf.stride(0), buf.stride(1), stride_oh, stride_or,
-        HAS_RANKS=ranks is not None, HAS_SCALE=scale, P_F32=p.dtype == torch.float32,
+    launch(
+        _segsum, grid,
+        (buf, p, q, scaling, ranks if ranks is not None else scaling, meta.order, meta.starts,
+         HD, R, chunks, _n_bucket(N),
+         p.stride(0), q.stride(0),
+         buf.stride(0), buf.stride(1), stride_oh, stride_or),
+        dict(HAS_RANKS=ranks is not None, HAS_SCALE=scale, P_F32=p.dtype == torch.float32),
+        kernel="multi_lora.segsum", dtype=p.dtype,
     )
     if chunks == 1:
         return out
@@ -587,6 +635,7 @@ def _prep(scaling: Tensor, ranks: Optional[Tensor], device: torch.device):
 # --------------------------------------------------------------------------- launchers
 
 
+@on_tensor_device
 def multi_lora(
     x: Tensor,
     lora_a: Tensor,
@@ -620,6 +669,7 @@ def multi_lora(
                         scaling, ranks, meta, block_m, True)
 
 
+@on_tensor_device
 def multi_lora_backward(
     grad_y: Tensor,
     x: Tensor,
@@ -660,6 +710,130 @@ def multi_lora_backward(
     dB = _segsum_impl((T, H_out, R), lora_b.dtype, False, grad_y, h, scaling, ranks, meta, True)
     dA = _segsum_impl((T, R, H_in), lora_a.dtype, True, x, dh, scaling, ranks, meta, False)
     return dx, dA, dB
+
+
+# --------------------------------------------------------------------------- lora_shrink / lora_expand launchers
+
+
+def _real_slots(adapter_index: Optional[Tensor], ranks: Optional[Tensor], N: int, T: int, R: int,
+                device: torch.device) -> Tensor:
+    """[N, R] bool on the device: slot j is a real rank slot of row n's adapter (no host sync)."""
+    if adapter_index is None:
+        idx = torch.zeros(N, dtype=torch.long, device=device) if T == 1 else torch.arange(N, device=device)
+    else:
+        idx = adapter_index.to(device=device, dtype=torch.long)
+    real = (idx >= 0)[:, None].expand(N, R)
+    if ranks is not None:
+        real = real & (torch.arange(R, device=device)[None, :] < ranks.to(device=device, dtype=torch.long)[idx.clamp(min=0)][:, None])
+    return real
+
+
+def _rank_space(x: Tensor, w: Tensor, w_strides: tuple[int, int, int], scaling: Optional[Tensor],
+                ranks: Optional[Tensor], adapter_index: Optional[Tensor], R: int) -> Tensor:
+    """fp32 ``[N, R]`` of ``(scaling[t]) * x @ W[t]^T``: exactly 0 in the rank padding and on -1 rows."""
+    N, K = x.shape
+    T = w.shape[0]
+    device = x.device
+    if min(N, T, R, K) == 0:
+        return torch.zeros(N, R, dtype=torch.float32, device=device)
+    x = _unit_last(x)
+    scale = scaling is not None
+    scaling, ranks = _prep(scaling if scale else torch.ones(T, device=device), ranks, device)
+    meta = segment_metadata(adapter_index, N, T, device)
+    block_m = _block_m(N, T)
+    split = _split_k(N, T, R, K, block_m, device)
+    part = _shrink_impl(x, w, w_strides, scaling, ranks, meta, block_m, split, scale, R)
+    h = part[0] if split == 1 else part.sum(0)  # fixed-order sum of the K splits
+    # The kernel writes real slots only; where() (not a product) clears the rest, whatever it holds.
+    return torch.where(_real_slots(adapter_index, ranks, N, T, R, device), h, 0.0)
+
+
+@on_tensor_device
+def lora_shrink(x: Tensor, lora_a: Tensor, adapter_index: Optional[Tensor], ranks: Optional[Tensor] = None,
+                scaling: Optional[Tensor] = None) -> Tensor:
+    """Triton ``reference.lora_shrink``: h [N, R] fp32 (segmented shrink kernel)."""
+    return _rank_space(x, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), scaling, ranks,
+                       adapter_index, lora_a.shape[1])
+
+
+@on_tensor_device
+def lora_shrink_backward(grad_h: Tensor, x: Tensor, lora_a: Tensor, adapter_index: Optional[Tensor],
+                         ranks: Optional[Tensor] = None, scaling: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Triton ``reference.lora_shrink_backward``: (dx, dlora_a), deterministic."""
+    N, H_in = x.shape
+    T, R, _ = lora_a.shape
+    device = x.device
+    if min(N, T, R, H_in) == 0:
+        return (torch.zeros(N, H_in, dtype=x.dtype, device=device),
+                torch.zeros(T, R, H_in, dtype=lora_a.dtype, device=device))
+    x = _unit_last(x)
+    gh = grad_h.to(torch.float32).contiguous()
+    scale = scaling is not None
+    scaling, ranks = _prep(scaling if scale else torch.ones(T, device=device), ranks, device)
+    meta = segment_metadata(adapter_index, N, T, device)
+    block_m = _block_m(N, T)
+    # dx = (scale) * grad_h @ A: W[t, o, r] = lora_a[t, r, o]; -1 rows get zeros
+    dx = torch.empty(N, H_in, dtype=x.dtype, device=device)
+    _expand_impl(dx, gh.unsqueeze(0), lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), R, None,
+                 scaling, ranks, meta, block_m, scale)
+    # dA[t] = (scale[t]) * sum_n grad_h[n]^T x[n]  ([T, R, H_in])
+    dA = _segsum_impl((T, R, H_in), lora_a.dtype, True, x, gh, scaling, ranks, meta, scale)
+    return dx, dA
+
+
+@on_tensor_device
+def lora_expand(h: Tensor, lora_b: Tensor, adapter_index: Optional[Tensor], scaling: Tensor,
+                ranks: Optional[Tensor] = None, base: Optional[Tensor] = None) -> Tensor:
+    """Triton ``reference.lora_expand``: y [N, H_out] in lora_b's dtype (segmented expand kernel)."""
+    N = h.shape[0]
+    T, H_out, R = lora_b.shape
+    device = h.device
+    y = torch.empty(N, H_out, dtype=lora_b.dtype, device=device)
+    if N == 0 or H_out == 0:
+        return y
+    if T == 0 or R == 0:
+        return y.copy_(base) if base is not None else y.zero_()
+    base = None if base is None else _unit_last(base)
+    scaling, ranks = _prep(scaling, ranks, device)
+    meta = segment_metadata(adapter_index, N, T, device)
+    hf = h.to(torch.float32).contiguous()
+    return _expand_impl(y, hf.unsqueeze(0), lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), R, base,
+                        scaling, ranks, meta, _block_m(N, T), True)
+
+
+@on_tensor_device
+def lora_expand_backward(grad_y: Tensor, h: Tensor, lora_b: Tensor, adapter_index: Optional[Tensor], scaling: Tensor,
+                         ranks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Triton ``reference.lora_expand_backward``: (dh in h's dtype, dlora_b), deterministic."""
+    N = h.shape[0]
+    T, H_out, R = lora_b.shape
+    device = h.device
+    if min(N, T, R, H_out) == 0:
+        return (torch.zeros(N, R, dtype=h.dtype, device=device),
+                torch.zeros(T, H_out, R, dtype=lora_b.dtype, device=device))
+    grad_y = _unit_last(grad_y)
+    # dh = scale * grad_y @ B: W[t, r, k] = lora_b[t, k, r]
+    dh = _rank_space(grad_y, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), scaling, ranks,
+                     adapter_index, R)
+    scaling, ranks = _prep(scaling, ranks, device)
+    meta = segment_metadata(adapter_index, N, T, device)
+    # dB[t] = scale[t] * sum_n grad_y[n]^T h[n]  ([T, H_out, R]); h's rank padding is never loaded
+    dB = _segsum_impl((T, H_out, R), lora_b.dtype, False, grad_y, h.to(torch.float32).contiguous(), scaling, ranks,
+                      meta, True)
+    return dh.to(h.dtype), dB
+
+
+def _supports_split(*tensors) -> Optional[str]:
+    for t in tensors:
+        if t.dtype == torch.float64:
+            return "triton lora_shrink / lora_expand kernels take fp16/bf16/fp32 tensors, not float64 (reference)"
+    return None
+
+
+register("lora_shrink", "triton", lora_shrink, supports=lambda x, a, *_: _supports_split(x, a))
+register("lora_shrink_backward", "triton", lora_shrink_backward, supports=lambda g, x, a, *_: _supports_split(x, a))
+register("lora_expand", "triton", lora_expand, supports=lambda h, b, *_: _supports_split(h, b))
+register("lora_expand_backward", "triton", lora_expand_backward, supports=lambda g, h, b, *_: _supports_split(h, b))
 
 
 def _supports_fwd(x, lora_a, lora_b, adapter_index, scaling, ranks=None, base=None) -> Optional[str]:

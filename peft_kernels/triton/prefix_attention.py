@@ -24,12 +24,15 @@ Layout of the work (all kernels):
 
 Softmax runs in base 2 (``exp2``) with the scale folded into the scores; all accumulation is fp32.
 Head dims up to 256 are padded to a power of two (>= 16) inside the kernels with masks.
+
+Configs (GPU): 16-bit and fp32 inputs have separate config lists, pruned per launch to the GPU
+arch's shared memory and away from configs the compile check saw spill. Decode forward launches
+(``Lq <= 16``) run the committed table's config (``configs/decode.json``) and never autotune, so
+a decode step can be captured in a CUDA graph; the others autotune (``PEFT_KERNELS_AUTOTUNE``:
+see ``_tuning``).
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
 from typing import Optional
 
 import torch
@@ -37,18 +40,13 @@ import triton
 import triton.language as tl
 
 from ..ops._dispatch import register
+from ._common import INTERPRET, MODE_PER_ROW, MODE_SHARED, index_mode, interpreting, on_tensor_device, sm_count
+from ._tuning import drop_spilling, launch, smem_limit, tuned
 
 LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: readable inside @triton.jit
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # CUDA limit on grid dims 1 and 2 (B * Hkv goes on dim 1)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-_INTERPRET = _interpreting()
 
 
 # --------------------------------------------------------------------------- autotune configs
@@ -58,59 +56,136 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-if _INTERPRET:
-    # One small config: fast on the CPU and small enough that tiny test shapes span several blocks.
-    _FWD_CONFIGS = [_cfg(8, 4, 1, 1)]
-    _BWD_KV_CONFIGS = [_cfg(8, 4, 1, 1)]
-    _BWD_Q_CONFIGS = [_cfg(8, 4, 1, 1)]
-else:  # pragma: no cover - needs a GPU
-    _FWD_CONFIGS = [
+# The GPU config lists of 16-bit inputs (first: the default), by kernel; the arch-aware pruners below
+# screen them (shared memory, and the spills the compile check saw).
+GPU_CONFIGS = {
+    "fwd": [
         _cfg(128, 64, 8, 3),
         _cfg(128, 128, 8, 3),
         _cfg(64, 64, 4, 3),
         _cfg(64, 128, 4, 3),
+        _cfg(64, 64, 8, 3),
+        _cfg(128, 32, 8, 3),
+        _cfg(64, 32, 4, 3),
         # decode-sized tiles (few packed query rows)
         _cfg(16, 64, 4, 3),
         _cfg(16, 128, 4, 3),
         _cfg(32, 64, 4, 2),
         # small enough for anything (fp32, D = 256)
         _cfg(32, 32, 4, 1),
-    ]
-    _BWD_KV_CONFIGS = [  # BLOCK_N: the program's key block; BLOCK_M: the query-row step
+    ],
+    "bwd_kv": [  # BLOCK_N: the program's key block; BLOCK_M: the query-row step
         _cfg(32, 128, 8, 2),
         _cfg(32, 128, 4, 3),
         _cfg(64, 64, 4, 2),
+        _cfg(32, 64, 4, 2),
+        _cfg(32, 64, 8, 2),
+        _cfg(16, 128, 8, 2),
+        _cfg(16, 64, 4, 2),
         _cfg(16, 32, 4, 1),
-    ]
-    _BWD_Q_CONFIGS = [  # BLOCK_M: the program's query rows; BLOCK_N: the key step
+    ],
+    "bwd_q": [  # BLOCK_M: the program's query rows; BLOCK_N: the key step
         _cfg(128, 32, 8, 2),
         _cfg(128, 32, 4, 3),
         _cfg(64, 64, 4, 2),
+        _cfg(64, 64, 8, 2),
+        _cfg(64, 32, 4, 2),
+        _cfg(32, 64, 4, 2),
         _cfg(16, 32, 4, 1),
-    ]
+    ],
+}
+# fp32 inputs take exact fp32 dots on the FMA units ("ieee"), whose register tiles are far larger:
+# the 16-bit tiles make ptxas give up (32 registers and tens of KB of spills), so fp32 has its own.
+FP32_CONFIGS = {
+    "fwd": [_cfg(16, 64, 4, 2), _cfg(16, 64, 8, 2), _cfg(32, 32, 8, 1), _cfg(16, 32, 4, 1)],
+    "bwd_kv": [_cfg(16, 32, 8, 1), _cfg(16, 32, 4, 1), _cfg(16, 16, 4, 1)],
+    "bwd_q": [_cfg(16, 32, 8, 1), _cfg(16, 32, 4, 1), _cfg(16, 16, 4, 1)],
+}
+# Under the interpreter one small config: fast on the CPU, and tiny test shapes span several blocks.
+_FWD_CONFIGS, _BWD_KV_CONFIGS, _BWD_Q_CONFIGS = (
+    [_cfg(8, 4, 1, 1)] if INTERPRET else GPU_CONFIGS[k] + FP32_CONFIGS[k] for k in ("fwd", "bwd_kv", "bwd_q"))
 
 
-def _smem_ok(config, esize: int, d_pad: int) -> bool:
-    """Rough shared-memory screen for wide fp32 tiles (they compile for minutes, then cannot launch)."""
-    if esize < 4:
-        return True
+# Shared-memory tile rows per kernel, as (resident, per pipeline stage) multiples of (BLOCK_M, BLOCK_N):
+# the forward keeps its Q tile and streams K and V; the dk/dv kernel keeps K, V and streams Q, dO;
+# the dq kernel keeps Q, dO and streams K, V.
+_SMEM_ROWS = {"fwd": ((1, 0), (0, 2)), "bwd_kv": ((0, 2), (2, 0)), "bwd_q": ((2, 0), (0, 2))}
+
+
+def smem_estimate(kernel: str, config, esize: int, d_pad: int) -> int:
+    """Bytes of shared memory a config of ``kernel`` ("fwd", "bwd_kv", "bwd_q") needs at most.
+
+    Semantics: (resident rows + num_stages * streamed rows) * D_PAD * element size, plus one
+    BLOCK_M x BLOCK_N tile in the backward kernels (p and ds are transposed through shared memory)
+    and 1 KiB of reduction scratch; the compile check (tools/compile_triton.py) holds it against
+    what the compiler allocates for every kept config.
+    """
+    (rm, rn), (sm, sn) = _SMEM_ROWS[kernel]
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return (bm + bn) * d_pad * esize * max(config.num_stages, 1) <= 200 * 1024
+    rows = rm * bm + rn * bn + max(config.num_stages, 1) * (sm * bm + sn * bn)
+    transposed = bm * bn * esize if kernel != "fwd" else 0
+    return rows * d_pad * esize + transposed + 1024
 
 
-def _prune_m(configs, named_args, **kwargs):
-    """Drop tiles much taller than the packed query axis (decode) and fp32 tiles too wide for shared
-    memory, keeping at least one config."""
-    bucket = named_args["M_BUCKET"]
-    esize = named_args["Q"].element_size()
-    d_pad = kwargs.get("D_PAD", 256)
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, bucket) and _smem_ok(c, esize, d_pad)]
-    return kept or configs[-1:]
+def _family(kernel: str, esize: int) -> list:
+    return FP32_CONFIGS[kernel] if esize == 4 else GPU_CONFIGS[kernel]
+
+
+def _same_as_any(cfg, configs) -> bool:
+    return any(cfg.kwargs == c.kwargs and (cfg.num_warps, cfg.num_stages) == (c.num_warps, c.num_stages)
+               for c in configs)
+
+
+def _pruner(kernel: str):
+    def prune(configs, named, arch: int, screen_spills: bool = True) -> list:
+        """Drop tiles much taller than the packed query axis (decode), tiles over the arch's shared
+        memory and (``screen_spills``) configs the compile check saw spill, keeping at least one
+        config (the last: the smallest)."""
+        bucket = named["M_BUCKET"]
+        esize = named["Q"].element_size()
+        d_pad = named["D_PAD"]
+        limit = smem_limit(arch)
+        family = _family(kernel, esize)
+        # the dtype's own list, in its order (a config on both lists is taken once)
+        configs = [next(c for c in configs if _same_as_any(c, [f])) for f in family
+                   if _same_as_any(f, configs)] or list(configs)
+        kept = [c for c in configs
+                if c.kwargs["BLOCK_M"] <= max(16, bucket) and smem_estimate(kernel, c, esize, d_pad) <= limit]
+        kept = kept or list(configs[-1:])
+        if screen_spills:
+            kept = drop_spilling(f"prefix_attention.{kernel}", kept, named["Q"].dtype, d_pad, arch)
+        return kept
+
+    return prune
 
 
 def _bucket(n: int) -> int:
     """Autotune key for a length: its power-of-two ceiling, capped (long sequences share one tuning)."""
     return min(triton.next_power_of_2(max(int(n), 1)), 256)
+
+
+def decode_bucket(Lq: int, m_total: int, d_pad: int, split: bool) -> Optional[str]:
+    """The forward's row in the decode config table, or None when the launch is not a decode step.
+
+    Semantics: decode is ``Lq <= 16`` (the split-K path's query lengths on a GPU); the bucket is the
+    padded head dim, the packed query rows (Lq * group) rounded up to 16, 64 or 256, and whether
+    the keys are split.
+    """
+    if Lq > 16:
+        return None
+    m = 16 if m_total <= 16 else 64 if m_total <= 64 else 256
+    return f"d_pad={d_pad},m={m},split={int(split)}"
+
+
+# Decode shapes the committed config table covers (one per bucket family; split as on a GPU with
+# >= 64 SMs): single-token and 16-token (speculative) steps, one long row and a wide batch.
+DECODE_SHAPES = (
+    dict(B=1, Hq=8, Hkv=2, Lq=1, Lk=512, split=True),
+    dict(B=64, Hq=8, Hkv=2, Lq=1, Lk=64, split=False),
+    dict(B=1, Hq=8, Hkv=2, Lq=16, Lk=512, split=True),
+    dict(B=64, Hq=8, Hkv=2, Lq=16, Lk=64, split=False),
+)
+DECODE_HEAD_DIMS = (64, 128)
 
 
 # --------------------------------------------------------------------------- shared jit helpers
@@ -119,9 +194,9 @@ def _bucket(n: int) -> int:
 @triton.jit
 def _row_prefix(IDX, LENS, b, P, IDX_MODE: tl.constexpr, HAS_LENS: tl.constexpr):
     """The row's bank entry (clamped to >= 0) and how many prefix slots it sees (0 for -1 rows)."""
-    if IDX_MODE == 0:  # index None, T == 1: every row uses entry 0
+    if IDX_MODE == MODE_SHARED:
         t = b * 0
-    elif IDX_MODE == 1:  # index None, T == B: row b uses entry b
+    elif IDX_MODE == MODE_PER_ROW:
         t = b
     else:
         t = tl.load(IDX + b).to(tl.int32)
@@ -332,11 +407,8 @@ def _combine_kernel(
     tl.store(LSE + b64 * stride_lb + qh * stride_lh + qi * stride_ll, lse, mask=row_ok)
 
 
-_fwd_tuned = triton.autotune(
-    configs=_FWD_CONFIGS,
-    key=["M_BUCKET", "GROUP", "HEAD_DIM", "CAUSAL", "SPLIT", "HAS_KPM"],
-    prune_configs_by={"early_config_prune": _prune_m},
-)(_fwd_kernel)
+_fwd_tuned = tuned(_fwd_kernel, _FWD_CONFIGS, ["M_BUCKET", "GROUP", "HEAD_DIM", "CAUSAL", "SPLIT", "HAS_KPM"],
+                   _pruner("fwd"))
 
 
 # --------------------------------------------------------------------------- backward
@@ -621,7 +693,7 @@ def _prefix_reduce_kernel(
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     t64 = t.to(tl.int64)
-    if IDX_MODE == 1:  # row b uses entry b: a cast
+    if IDX_MODE == MODE_PER_ROW:  # row b uses entry b: a cast
         gk = tl.load(RK + t64 * N + offs, mask=mask, other=0.0)
         gv = tl.load(RV + t64 * N + offs, mask=mask, other=0.0)
     else:
@@ -630,7 +702,7 @@ def _prefix_reduce_kernel(
         rk = RK + offs
         rv = RV + offs
         for b in range(0, B):
-            if IDX_MODE == 0:
+            if IDX_MODE == MODE_SHARED:
                 tb = 0
             else:
                 tb = tl.load(IDX + b).to(tl.int32)
@@ -643,17 +715,10 @@ def _prefix_reduce_kernel(
     tl.store(OV + t64 * N + offs, gv.to(OV.dtype.element_ty), mask=mask)
 
 
-_bwd_kv_tuned = triton.autotune(
-    configs=_BWD_KV_CONFIGS,
-    key=["M_BUCKET", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
-    prune_configs_by={"early_config_prune": _prune_m},
-)(_bwd_kv_kernel)
-
-_bwd_q_tuned = triton.autotune(
-    configs=_BWD_Q_CONFIGS,
-    key=["M_BUCKET", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
-    prune_configs_by={"early_config_prune": _prune_m},
-)(_bwd_q_kernel)
+_bwd_kv_tuned = tuned(_bwd_kv_kernel, _BWD_KV_CONFIGS, ["M_BUCKET", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
+                      _pruner("bwd_kv"))
+_bwd_q_tuned = tuned(_bwd_q_kernel, _BWD_Q_CONFIGS, ["M_BUCKET", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_KPM"],
+                     _pruner("bwd_q"))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -676,7 +741,7 @@ def supports(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lens=None, k
         return f"head dim {D} > {MAX_HEAD_DIM}"
     if B * Hkv > MAX_GRID_Y:
         return f"B * Hkv = {B * Hkv} > {MAX_GRID_Y} (grid limit)"
-    if q.device.type == "cpu" and not _interpreting():
+    if q.device.type == "cpu" and not interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
     return None
 
@@ -691,12 +756,7 @@ def _supports_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index=None,
 
 # Query lengths that take the split-K decode path when the grid is small. The interpreter uses 2
 # so that the tiny CPU test shapes (Lq up to 9) also exercise the main path (tests force splits).
-_DECODE_MAX_LQ = 2 if _INTERPRET else 16
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+_DECODE_MAX_LQ = 2 if INTERPRET else 16
 
 
 def _num_splits(B: int, Hkv: int, Lq: int, G: int, P: int, Lk: int, device: torch.device) -> tuple[int, int]:
@@ -710,7 +770,7 @@ def _num_splits(B: int, Hkv: int, Lq: int, G: int, P: int, Lk: int, device: torc
     if Lq > _DECODE_MAX_LQ or n_keys == 0:
         return 1, max(n_keys, 1)
     if device.type == "cuda":
-        slots, min_keys, align = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), 256, 128
+        slots, min_keys, align = 2 * sm_count(device), 256, 128
     else:  # interpreter: split small shapes too, so the CPU tests exercise this path
         slots, min_keys, align = 16, 4, _FWD_CONFIGS[0].kwargs["BLOCK_N"]
     programs = B * Hkv * triton.cdiv(Lq * G, 16)
@@ -721,12 +781,6 @@ def _num_splits(B: int, Hkv: int, Lq: int, G: int, P: int, Lk: int, device: torc
         return 1, n_keys
     split_len = triton.cdiv(triton.cdiv(n_keys, splits), align) * align
     return triton.cdiv(n_keys, split_len), split_len
-
-
-def _index_mode(prefix_index, T: int) -> int:
-    if prefix_index is not None:
-        return 2
-    return 0 if T == 1 else 1
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -748,25 +802,16 @@ def _common(q, k, prefix_k, prefix_index, prefix_lens, key_padding_mask, softmax
         kpm, kpm_strides = dummy, (0, 0)
     meta = dict(
         GROUP=Hq // Hkv, HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)),
-        IDX_MODE=_index_mode(prefix_index, T), HAS_LENS=prefix_lens is not None,
+        IDX_MODE=index_mode(prefix_index, T), HAS_LENS=prefix_lens is not None,
         HAS_KPM=key_padding_mask is not None, PREC=_prec(q.dtype),
     )
     return B, Hq, Lq, D, Hkv, Lk, T, P, scale, idx, lens, kpm, kpm_strides, meta
 
 
-def _device_guard(device: torch.device):
-    """Launch on the tensors' GPU, not the current one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
+@on_tensor_device
 def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lens=None, key_padding_mask=None,
                          causal=True, softmax_scale=None):
     """(out [B, Hq, Lq, D] in q's dtype, lse [B, Hq, Lq] fp32); arguments as the reference."""
-    with _device_guard(q.device):
-        return _fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, softmax_scale)
-
-
-def _fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, softmax_scale):
     B, Hq, Lq, D, Hkv, Lk, T, P, scale, idx, lens, kpm, kpm_strides, meta = _common(
         q, k, prefix_k, prefix_index, prefix_lens, key_padding_mask, softmax_scale)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -783,12 +828,14 @@ def _fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mas
     else:
         o_part = l_part = lse  # unused
     grid = lambda m: (triton.cdiv(M_TOTAL, m["BLOCK_M"]), B * Hkv, splits)  # noqa: E731
-    _fwd_tuned[grid](
-        q, k, v, prefix_k, prefix_v, idx, lens, kpm, out, lse, o_part, l_part,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *kpm_strides,
-        *out.stride(), *lse.stride(),
-        Hkv, Lq, Lk, P, M_TOTAL, split_len, scale * LOG2E.value, _bucket(M_TOTAL),
-        CAUSAL=bool(causal), SPLIT=splits > 1, **meta,
+    launch(
+        _fwd_tuned, grid,
+        (q, k, v, prefix_k, prefix_v, idx, lens, kpm, out, lse, o_part, l_part,
+         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(), *kpm_strides,
+         *out.stride(), *lse.stride(),
+         Hkv, Lq, Lk, P, M_TOTAL, split_len, scale * LOG2E.value, _bucket(M_TOTAL)),
+        dict(CAUSAL=bool(causal), SPLIT=splits > 1, **meta),
+        kernel="prefix_attention.fwd", dtype=q.dtype, bucket=decode_bucket(Lq, M_TOTAL, meta["D_PAD"], splits > 1),
     )
     if splits > 1:
         BLOCK_R = 16
@@ -799,21 +846,13 @@ def _fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mas
     return out, lse
 
 
-def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lens=None,
-                         key_padding_mask=None, causal=True, softmax_scale=None, out=None, lse=None):
-    """(dq, dk, dv, dprefix_k, dprefix_v); ``out``/``lse`` from the forward (recomputed if None)."""
-    with _device_guard(q.device):
-        return _bwd(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal,
-                    softmax_scale, out, lse)
-
-
-def _bwd(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal,
-         softmax_scale, out, lse):
+@on_tensor_device
+def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
+                         causal, softmax_scale, out, lse):
+    """(dq, dk, dv, dprefix_k, dprefix_v); ``out`` and ``lse`` are the forward's (the backward op's
+    schema makes them required tensors)."""
     B, Hq, Lq, D, Hkv, Lk, T, P, scale, idx, lens, kpm, kpm_strides, meta = _common(
         q, k, prefix_k, prefix_index, prefix_lens, key_padding_mask, softmax_scale)
-    if out is None or lse is None:
-        out, lse = _fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
-                        causal, softmax_scale)
     dev = q.device
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -841,23 +880,25 @@ def _bwd(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_p
               *grad_out.stride(), *lse.stride())
     kv_grid = lambda m: (triton.cdiv(P, m["BLOCK_N"]) + triton.cdiv(Lk, m["BLOCK_N"]), B * Hkv)  # noqa: E731
     if P + Lk > 0:
-        _bwd_kv_tuned[kv_grid](
-            q, k, v, prefix_k, prefix_v, idx, lens, kpm, grad_out, lse, delta, dk, dv, row_dpk, row_dpv,
-            *common, *dk.stride(), *dv.stride(),
-            Hkv, Lq, Lk, P, M_TOTAL, scale * LOG2E.value, scale, _bucket(M_TOTAL),
-            CAUSAL=bool(causal), **meta,
+        launch(
+            _bwd_kv_tuned, kv_grid,
+            (q, k, v, prefix_k, prefix_v, idx, lens, kpm, grad_out, lse, delta, dk, dv, row_dpk, row_dpv,
+             *common, *dk.stride(), *dv.stride(),
+             Hkv, Lq, Lk, P, M_TOTAL, scale * LOG2E.value, scale, _bucket(M_TOTAL)),
+            dict(CAUSAL=bool(causal), **meta), kernel="prefix_attention.bwd_kv", dtype=q.dtype,
         )
     q_grid = lambda m: (triton.cdiv(M_TOTAL, m["BLOCK_M"]), B * Hkv)  # noqa: E731
-    _bwd_q_tuned[q_grid](
-        q, k, v, prefix_k, prefix_v, idx, lens, kpm, grad_out, lse, delta, dq,
-        *common, *dq.stride(),
-        Hkv, Lq, Lk, P, M_TOTAL, scale * LOG2E.value, scale, _bucket(M_TOTAL),
-        CAUSAL=bool(causal), **meta,
+    launch(
+        _bwd_q_tuned, q_grid,
+        (q, k, v, prefix_k, prefix_v, idx, lens, kpm, grad_out, lse, delta, dq,
+         *common, *dq.stride(),
+         Hkv, Lq, Lk, P, M_TOTAL, scale * LOG2E.value, scale, _bucket(M_TOTAL)),
+        dict(CAUSAL=bool(causal), **meta), kernel="prefix_attention.bwd_q", dtype=q.dtype,
     )
 
     N = Hkv * P * D
     if N > 0:
-        BLOCK = 1024 if not _INTERPRET else 256
+        BLOCK = 1024 if not INTERPRET else 256
         _prefix_reduce_kernel[(T, triton.cdiv(N, BLOCK))](
             row_dpk, row_dpv, idx, dpk, dpv, B, N, IDX_MODE=meta["IDX_MODE"], BLOCK=BLOCK,
         )

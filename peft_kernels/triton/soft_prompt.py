@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops._dispatch import register
+from ._common import INTERPRET, MODE_EXPLICIT, MODE_SHARED, index_mode, on_tensor_device, sort_segments
 
 __all__ = [
     "soft_prompt_embed",
@@ -41,10 +42,6 @@ __all__ = [
     "soft_prompt_embed_backward",
     "soft_prompt_concat_backward",
 ]
-
-# prompt_index modes (constexpr)
-_EXPLICIT, _SHARED, _PER_ROW = 0, 1, 2
-
 
 # --------------------------------------------------------------------------- jit kernels
 
@@ -74,9 +71,9 @@ def _fwd_kernel(
     out_ptrs = out_ptr + b64 * stride_ob + s.to(tl.int64) * stride_os + cols
     p = s - insert_at
     if (p >= 0) & (p < P):
-        if MODE == 0:
+        if MODE == MODE_EXPLICIT:
             t = tl.load(index_ptr + b).to(tl.int64)
-        elif MODE == 1:
+        elif MODE == MODE_SHARED:
             t = b64 * 0
         else:
             t = b64
@@ -135,18 +132,18 @@ def _dprompts_kernel(
 ):
     """dprompts[t, p, cols] = sum over the rows b using t (in order) of grad_out[b, insert_at + p, cols].
 
-    MODE 0: rows are order[starts[t]:starts[t + 1]] (stable sort of the index); 1: all rows
-    (T == 1); 2: row t only (T == B). Slots p >= prompt_lens[t] get zero.
+    MODE_EXPLICIT: rows are order[starts[t]:starts[t + 1]] (stable sort of the index);
+    MODE_SHARED: all rows (T == 1); MODE_PER_ROW: row t only (T == B). Slots p >= prompt_lens[t] get zero.
     """
     pid = tl.program_id(0)
     t = pid // P
     p = pid - t * P
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = cols < H
-    if MODE == 0:
+    if MODE == MODE_EXPLICIT:
         start = tl.load(starts_ptr + t)
         end = tl.load(starts_ptr + t + 1)
-    elif MODE == 1:
+    elif MODE == MODE_SHARED:
         start = t * 0
         end = start + B
     else:
@@ -161,7 +158,7 @@ def _dprompts_kernel(
     g_slot = g_ptr + (p + insert_at).to(tl.int64) * stride_gs + cols
     zero64 = t.to(tl.int64) * 0
     for i in range(start, end):
-        if MODE == 0:
+        if MODE == MODE_EXPLICIT:
             b = tl.load(order_ptr + i).to(tl.int64)
         else:
             b = i + zero64  # int64 row offsets (the loop variable is int32 or a Python int)
@@ -203,7 +200,7 @@ def _blocking(H: int, elem_size: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_H, num_warps): ~4 KiB of the row per program on a GPU (16-byte vectors per thread);
     under the interpreter (CPU tensors) as few programs as possible."""
     h = triton.next_power_of_2(max(H, 1))
-    if device.type != "cuda":
+    if INTERPRET and device.type != "cuda":
         return min(h, 4096), 1
     block = min(h, max(128, 4096 // elem_size))
     warps = max(1, min(8, block * elem_size // 512))
@@ -213,7 +210,7 @@ def _blocking(H: int, elem_size: int, device: torch.device) -> tuple[int, int]:
 def _split_for_parallelism(block: int, rows: int, H: int, elem_size: int, device: torch.device) -> tuple[int, int]:
     """Halve BLOCK_H (down to 128) while a grid of ``rows`` x H-blocks has under ~1024 programs:
     the reduction kernels have few (entry, slot) rows when the bank is small."""
-    if device.type != "cuda":
+    if INTERPRET and device.type != "cuda":
         return block, 1
     while block > 128 and rows * triton.cdiv(H, block) < 1024:
         block //= 2
@@ -225,18 +222,12 @@ def _rows_last_contig(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _mode(index: Optional[Tensor], T: int) -> int:
-    if index is not None:
-        return _EXPLICIT
-    return _SHARED if T == 1 else _PER_ROW
-
-
 def _prompt_args(prompts: Tensor, prompt_index: Optional[Tensor], prompt_lens: Optional[Tensor]):
     """Prompts with unit last stride, the index / lens (contiguous; dummies when absent), mode flags."""
     prompts = _rows_last_contig(prompts)
     index = prompt_index.contiguous() if prompt_index is not None else prompts
     lens = prompt_lens.to(prompts.device).contiguous() if prompt_lens is not None else prompts
-    return prompts, index, lens, _mode(prompt_index, prompts.shape[0]), prompt_lens is not None
+    return prompts, index, lens, index_mode(prompt_index, prompts.shape[0]), prompt_lens is not None
 
 
 def _forward(out: Tensor, src: Tensor, ids: Optional[Tensor], prompts: Tensor, prompt_index, prompt_lens,
@@ -268,18 +259,6 @@ def _forward(out: Tensor, src: Tensor, ids: Optional[Tensor], prompts: Tensor, p
     return out
 
 
-def _segments(keys: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
-    """(order, starts): a stable sort of ``keys`` and where each key 0..num_segments-1 starts.
-
-    Rows of key k are order[starts[k]:starts[k + 1]] in their original order; negative keys
-    (-1: no prompt) sort first and belong to no segment. All on the device, no host sync.
-    """
-    sorted_keys, order = torch.sort(keys, stable=True)
-    bounds = torch.arange(num_segments + 1, dtype=sorted_keys.dtype, device=keys.device)
-    starts = torch.searchsorted(sorted_keys, bounds)
-    return order, starts
-
-
 def _prompt_grads(grad_out: Tensor, num_prompts: int, prompt_len: int, prompt_index, prompt_lens,
                   insert_at: int) -> Tensor:
     B, _, H = grad_out.shape
@@ -289,9 +268,9 @@ def _prompt_grads(grad_out: Tensor, num_prompts: int, prompt_len: int, prompt_in
         return dprompts
     if B == 0:
         return dprompts.zero_()
-    mode = _mode(prompt_index, T)
-    if mode == _EXPLICIT:
-        order, starts = _segments(prompt_index, T)
+    mode = index_mode(prompt_index, T)
+    if mode == MODE_EXPLICIT.value:
+        order, starts = sort_segments(prompt_index, T)
     else:
         order = starts = grad_out  # unused
     lens = prompt_lens.to(grad_out.device).contiguous() if prompt_lens is not None else grad_out
@@ -312,6 +291,7 @@ def _prompt_grads(grad_out: Tensor, num_prompts: int, prompt_len: int, prompt_in
 # --------------------------------------------------------------------------- launchers
 
 
+@on_tensor_device
 def soft_prompt_concat(
     embeds: Tensor,
     prompts: Tensor,
@@ -328,6 +308,7 @@ def soft_prompt_concat(
     return _forward(out, embeds, None, prompts, prompt_index, prompt_lens, insert_at, replace)
 
 
+@on_tensor_device
 def soft_prompt_embed(
     input_ids: Tensor,
     weight: Tensor,
@@ -344,6 +325,7 @@ def soft_prompt_embed(
     return _forward(out, weight, input_ids, prompts, prompt_index, prompt_lens, insert_at, False)
 
 
+@on_tensor_device
 def soft_prompt_concat_backward(
     grad_out: Tensor,
     num_prompts: int,
@@ -372,6 +354,7 @@ def soft_prompt_concat_backward(
     return dembeds, dprompts
 
 
+@on_tensor_device
 def soft_prompt_embed_backward(
     grad_out: Tensor,
     input_ids: Tensor,
@@ -395,7 +378,7 @@ def soft_prompt_embed_backward(
         return dweight, dprompts
     if B * L == 0:
         return dweight.zero_(), dprompts
-    order, starts = _segments(input_ids.reshape(-1), vocab_size)
+    order, starts = sort_segments(input_ids.reshape(-1), vocab_size)
     block, warps = _blocking(H, grad_out.element_size(), grad_out.device)
     _dweight_kernel[(vocab_size, triton.cdiv(H, block))](
         dweight, grad_out, order, starts,

@@ -18,9 +18,16 @@ from peft_kernels import _ext
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not (_ext.CUDA.loaded and hasattr(torch.ops.peft_kernels, "multi_lora_fwd")),
-                       reason=f"peft_kernels._C_cuda not built: {_ext.CUDA.error}"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _require_cuda_extension():
+    """With a CUDA device the csrc/cuda kernel must have built, loaded and registered: these tests fail
+    (not skip) otherwise, so a broken CUDA build cannot pass as the Triton fallback."""
+    assert _ext.CUDA.loaded, f"peft_kernels._C_cuda did not load: {_ext.CUDA.error}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("peft_kernels::multi_lora_fwd", "CUDA"), \
+        "peft_kernels::multi_lora_fwd has no CUDA kernel registered"
 
 DEV = "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -138,6 +145,13 @@ def test_misaligned_and_non_contiguous_views():
     b_t = b.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous lora_b
     got = torch.ops.peft_kernels.multi_lora_fwd(x_off, a, b_t, index, scaling, ranks, base)
     check(got, pk.reference.multi_lora(*ref_args), torch.bfloat16)
+
+
+def test_dispatcher_registers_the_cuda_kernel():
+    from peft_kernels.ops import _dispatch
+
+    assert "cuda" in _dispatch.kernels("multi_lora"), "the dispatcher has no cuda kernel for multi_lora"
+    assert _dispatch.status("cuda")["cuda"][0], _dispatch.status("cuda")["cuda"][1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)

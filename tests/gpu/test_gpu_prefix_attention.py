@@ -6,6 +6,8 @@ step, and that automatic backend selection on CUDA picks the Triton kernels.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -152,3 +154,21 @@ def test_decode_cuda_graph_capture():
     torch.cuda.synchronize()
     ref_out, _ = reference.prefix_attention(q, k, v, pk, pv, index, lens, mask, causal, scale)
     torch.testing.assert_close(out, ref_out, **FWD_TOL[dtype])
+
+
+@pytest.mark.skipif(bool(os.environ.get("PEFT_KERNELS_AUTOTUNE")), reason="autotuning is forced by the environment")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_decode_runs_the_table_config_without_autotuning(dtype):
+    """A decode step takes its config from configs/decode.json: the autotuner never runs (capture-safe)."""
+    from peft_kernels.triton import _tuning
+
+    args = _make(2, 32, 8, 1, 2048, 128, 3, 32, dtype)
+    q, k = args[0], args[1]
+    splits, _ = tp._num_splits(2, 8, 1, 4, 32, 2048, DEV)
+    bucket = tp.decode_bucket(1, 4, 128, splits > 1)
+    assert _tuning.table_entry("prefix_attention.fwd", _tuning.device_arch(DEV), dtype, bucket) is not None, bucket
+    tp._fwd_tuned.cache.clear()
+    out, lse = tp.prefix_attention_fwd(*args)
+    assert not tp._fwd_tuned.cache, "the decode launch autotuned"
+    want, _ = reference.prefix_attention(*args)
+    torch.testing.assert_close(out, want, **FWD_TOL[dtype])
