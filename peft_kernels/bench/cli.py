@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import shlex
 import sys
 import time
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on a machine shared with other jobs")
     p.add_argument("--cpu-samples", type=int, default=None,
                    help="CPU only: interleaved samples per implementation (default 7 quick, 15 full; at least 7)")
+    p.add_argument("--match", default=None, metavar="REGEX",
+                   help="only the rows whose '<mode> <label>' (e.g. 'fwd+bwd prefill N1024 H512 T64 r16') matches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--render", metavar="RESULTS_JSON", default=None,
@@ -108,6 +111,13 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     timer = Timer(device, args.quick, args.cpu_samples)
     names = suites.SUITES if args.op == "all" else (args.op,)
     plan = [(name, spec) for name in names for spec in suites.get(name).specs(args.quick, device)]
+    if args.match:
+        pattern = re.compile(args.match)
+        plan = [(name, spec) for name, spec in plan
+                if pattern.search(f"{spec.get('mode', '')} {suites.get(name).label(spec)}")]
+        if not plan:
+            print(f"bench: no row matches --match {args.match!r}", file=sys.stderr)
+            return 2
     meta = dict(env, quick=args.quick, timer=timer.description, dtype=str(dtype).replace("torch.", ""),
                 suites=list(names),
                 command="python -m peft_kernels bench " + " ".join(shlex.quote(a) for a in (argv or [])))

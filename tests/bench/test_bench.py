@@ -341,3 +341,13 @@ def test_cpu_timer_interleaves_at_least_seven_samples_per_side():
     timed = order[8:]  # after the warm-up and calibration calls (4 each)
     switches = sum(1 for x, y in zip(timed, timed[1:]) if x != y)
     assert switches >= 13, "the two sides must take turns, not run one after the other"
+
+
+def test_bench_match_selects_rows(tmp_path, capsys):
+    assert pk_main(["bench", "--op", "lora", "--quick", "--device", "cpu", "--match", "no-such-row",
+                    "--out", str(tmp_path / "none")]) == 2
+    assert "no row matches" in capsys.readouterr().err
+    assert pk_main(["bench", "--op", "lora", "--quick", "--device", "cpu", "--cpu-samples", "7", "--no-progress",
+                    "--match", r"^fwd\+bwd .*T1 ", "--out", str(tmp_path / "one")]) == 0
+    rows = json.loads((tmp_path / "one" / "results.json").read_text())["rows"]
+    assert [(r["mode"], r["shape"]["T"]) for r in rows] == [("fwd+bwd", 1)]
