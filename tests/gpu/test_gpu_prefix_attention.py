@@ -163,7 +163,6 @@ def test_decode_runs_the_table_config_without_autotuning(dtype):
     from peft_kernels.triton import _tuning
 
     args = _make(2, 32, 8, 1, 2048, 128, 3, 32, dtype)
-    q, k = args[0], args[1]
     splits, _ = tp._num_splits(2, 8, 1, 4, 32, 2048, DEV)
     bucket = tp.decode_bucket(1, 4, 128, splits > 1)
     assert _tuning.table_entry("prefix_attention.fwd", _tuning.device_arch(DEV), dtype, bucket) is not None, bucket
