@@ -107,6 +107,17 @@ def row_index(index: Optional[Tensor], T: int, B: int, device) -> Tensor:
     return torch.arange(B, dtype=torch.long, device=device)
 
 
+def row_prefix_lens(rows: Tensor, P: int, lens: Optional[Tensor]) -> Tensor:
+    """[B] int64: each row's real prefix length (rows [B] int64 entries, -1 = none -> 0)."""
+    length = torch.full_like(rows, P) if lens is None else lens.to(rows.device).long()[rows.clamp(min=0)]
+    return torch.where(rows >= 0, length, 0)
+
+
+def prefix_slots_visible(rows: Tensor, P: int, lens: Optional[Tensor]) -> Tensor:
+    """[B, P] bool: slot p of row b's prefix is real (its entry is >= 0 and p < its length)."""
+    return torch.arange(P, device=rows.device)[None] < row_prefix_lens(rows, P, lens)[:, None]
+
+
 def cat_sdpa(query: Tensor, key: Tensor, value: Tensor, bank_k: Tensor, bank_v: Tensor, index: Optional[Tensor],
              lens: Optional[Tensor], mask: Tensor, dropout: float = 0.0, scaling: Optional[float] = None) -> Tensor:
     """Prefix attention the way it is done without this library: copy each row's prefix in
@@ -124,8 +135,7 @@ def cat_sdpa(query: Tensor, key: Tensor, value: Tensor, bank_k: Tensor, bank_v: 
     Hkv, P, Lk = key.shape[1], bank_k.shape[2], key.shape[2]
     rows = row_index(index, bank_k.shape[0], B, query.device)
     if mask.shape[-1] != P + Lk:
-        slot = torch.arange(P, device=query.device)[None]
-        visible = (rows >= 0)[:, None] & (slot < (P if lens is None else lens.long()[rows.clamp(min=0)][:, None]))
+        visible = prefix_slots_visible(rows, P, lens)
         if mask.dtype != torch.bool:
             mask = mask > torch.finfo(mask.dtype).min / 2
         mask = torch.cat([visible[:, None, None, :].expand(B, 1, Lq, P), mask.expand(B, 1, Lq, -1)], dim=-1)
@@ -191,10 +201,10 @@ def _with_windowed_prefix(seq_mask: Tensor, T: int, P: int, index: Optional[Tens
     B, Lq, Lk = seq_mask.shape[0], seq_mask.shape[2], seq_mask.shape[3]
     device = seq_mask.device
     rows = row_index(index, T, B, device)
-    row_len = torch.full((B,), P, device=device) if lens is None else lens.to(device).long()[rows.clamp(min=0)]
+    row_len = row_prefix_lens(rows, P, lens)
     slot = torch.arange(P, device=device)
     query = torch.arange(Lq, device=device)
-    real = (rows >= 0)[:, None] & (slot[None] < row_len[:, None])  # [B, P]
+    real = prefix_slots_visible(rows, P, lens)  # [B, P]
     in_window = slot[None, None, :] > (row_len[:, None, None] + Lk - Lq + query[None, :, None] - window)
     prefix = (real[:, None, :] & in_window)[:, None]  # [B, 1, Lq, P]
     return torch.cat([prefix, seq_mask.expand(B, 1, Lq, Lk)], dim=-1)

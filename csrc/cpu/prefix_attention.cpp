@@ -15,6 +15,8 @@
 // Backward: ATen's flash backward per part, handed the final out and lse, so that its recomputed
 // probabilities and rowsum(dO * O) are those of the whole softmax; dq sums the parts, and each
 // entry's prefix grads sum its rows (a fixed-order reduction: deterministic).
+#include "prefix_host_args.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -86,32 +88,8 @@ Plan make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& prefi
                const std::optional<at::Tensor>& key_padding_mask) {
   Plan p{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), prefix_k.size(0), prefix_k.size(2),
          {}, {}, {}};
-  std::vector<int64_t> index(p.B);
-  if (prefix_index.has_value()) {
-    const at::Tensor idx = prefix_index->to(at::kLong).contiguous();
-    TORCH_CHECK(idx.numel() == p.B, "prefix_attention: prefix_index must be [B=", p.B, "], got ", idx.sizes());
-    const int64_t* d = idx.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < p.B; ++b) {
-      TORCH_CHECK(d[b] >= -1 && d[b] < p.T, "prefix_attention: prefix_index[", b, "] = ", d[b],
-                  " is outside [-1, T=", p.T, ")");
-      index[b] = d[b];
-    }
-  } else {
-    TORCH_CHECK(p.T == 1 || p.T == p.B, "prefix_attention: prefix_index is None, so T (", p.T,
-                ") must be 1 or B (", p.B, ")");
-    for (int64_t b = 0; b < p.B; ++b) index[b] = p.T == 1 ? 0 : b;
-  }
-  p.lens.assign(p.T, p.P);
-  if (prefix_lens.has_value()) {
-    const at::Tensor lens = prefix_lens->to(at::kLong).contiguous();
-    TORCH_CHECK(lens.numel() == p.T, "prefix_attention: prefix_lens must be [T=", p.T, "], got ", lens.sizes());
-    const int64_t* d = lens.const_data_ptr<int64_t>();
-    for (int64_t t = 0; t < p.T; ++t) {
-      TORCH_CHECK(d[t] >= 0 && d[t] <= p.P, "prefix_attention: prefix_lens[", t, "] = ", d[t],
-                  " is outside [0, P=", p.P, "]");
-      p.lens[t] = d[t];
-    }
-  }
+  const std::vector<int64_t> index = prefix_entry_per_row(prefix_index, p.B, p.T, "prefix_attention");
+  p.lens = prefix_lengths(prefix_lens, p.T, p.P, "prefix_attention");
   std::vector<std::vector<int64_t>> ids(p.T);
   for (int64_t b = 0; b < p.B; ++b) {
     if (index[b] >= 0 && p.lens[index[b]] > 0) ids[index[b]].push_back(b);
@@ -124,23 +102,7 @@ Plan make_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& prefi
   for (int64_t t = 0; t < p.T; ++t) {
     if (!ids[t].empty()) p.entry_rows[t] = make_rows(std::move(ids[t]));
   }
-  if (key_padding_mask.has_value()) {
-    const at::Tensor m = key_padding_mask->to(at::kBool).contiguous();
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Lk,
-                "prefix_attention: key_padding_mask must be [B=", p.B, ", Lk=", p.Lk, "], got ", m.sizes());
-    const bool* d = m.const_data_ptr<bool>();
-    std::vector<int64_t> count(p.B * (p.Lk + 1));
-    bool padded = false;
-    for (int64_t b = 0; b < p.B; ++b) {
-      int64_t* c = count.data() + b * (p.Lk + 1);
-      c[0] = 0;
-      for (int64_t j = 0; j < p.Lk; ++j) {
-        c[j + 1] = c[j] + (d[b * p.Lk + j] ? 1 : 0);
-        padded = padded || !d[b * p.Lk + j];
-      }
-    }
-    if (padded) p.key_count = std::move(count);
-  }
+  p.key_count = real_key_counts(key_padding_mask, p.B, p.Lk, "prefix_attention");
   return p;
 }
 

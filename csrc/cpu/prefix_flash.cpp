@@ -12,6 +12,8 @@
 // dS = P * (dP - rowsum(dO * O)); dq, dk, dv of (b, g) belong to that task alone, and each task's
 // prefix grads go to its own scratch slot, summed per bank entry over its rows in ascending order
 // afterwards (deterministic).
+#include "prefix_host_args.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -238,54 +240,17 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.G = p.Hq / p.Hkv;
   p.causal = causal;
   p.scale = scale;
-  p.lens.assign(p.T, p.P);
-  if (prefix_lens.has_value()) {
-    const at::Tensor lens = prefix_lens->to(at::kLong).contiguous();
-    TORCH_CHECK(lens.numel() == p.T, "prefix_flash: prefix_lens must be [T=", p.T, "], got ", lens.sizes());
-    const int64_t* d = lens.const_data_ptr<int64_t>();
-    for (int64_t t = 0; t < p.T; ++t) {
-      TORCH_CHECK(d[t] >= 0 && d[t] <= p.P, "prefix_flash: prefix_lens[", t, "] = ", d[t], " is outside [0, P=",
-                  p.P, "]");
-      p.lens[t] = d[t];
-    }
-  }
-  p.entry.assign(p.B, -1);
-  if (prefix_index.has_value()) {
-    const at::Tensor idx = prefix_index->to(at::kLong).contiguous();
-    TORCH_CHECK(idx.numel() == p.B, "prefix_flash: prefix_index must be [B=", p.B, "], got ", idx.sizes());
-    const int64_t* d = idx.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < p.B; ++b) {
-      TORCH_CHECK(d[b] >= -1 && d[b] < p.T, "prefix_flash: prefix_index[", b, "] = ", d[b],
-                  " is outside [-1, T=", p.T, ")");
-      p.entry[b] = d[b];
-    }
-  } else {
-    TORCH_CHECK(p.T == 1 || p.T == p.B, "prefix_flash: prefix_index is None, so T (", p.T, ") must be 1 or B (",
-                p.B, ")");
-    for (int64_t b = 0; b < p.B; ++b) p.entry[b] = p.T == 1 ? 0 : b;
-  }
+  p.lens = prefix_lengths(prefix_lens, p.T, p.P, "prefix_flash");
+  p.entry = prefix_entry_per_row(prefix_index, p.B, p.T, "prefix_flash");
   for (int64_t b = 0; b < p.B; ++b) {
     if (p.entry[b] >= 0 && p.lens[p.entry[b]] == 0) p.entry[b] = -1;
   }
-  if (key_padding_mask.has_value()) {
-    const at::Tensor m = key_padding_mask->to(at::kBool).contiguous();
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.Lk, "prefix_flash: key_padding_mask must be [B=",
-                p.B, ", Lk=", p.Lk, "], got ", m.sizes());
-    const bool* d = m.const_data_ptr<bool>();
-    std::vector<int64_t> count(p.B * (p.Lk + 1));
-    bool padded = false;
+  p.key_count = real_key_counts(key_padding_mask, p.B, p.Lk, "prefix_flash");
+  if (!p.key_count.empty()) {
+    p.keep.resize(p.B * p.Lk);
     for (int64_t b = 0; b < p.B; ++b) {
-      int64_t* c = count.data() + b * (p.Lk + 1);
-      c[0] = 0;
-      for (int64_t j = 0; j < p.Lk; ++j) {
-        c[j + 1] = c[j] + (d[b * p.Lk + j] ? 1 : 0);
-        padded = padded || !d[b * p.Lk + j];
-      }
-    }
-    if (padded) {
-      p.key_count = std::move(count);
-      p.keep.resize(p.B * p.Lk);
-      for (int64_t i = 0; i < p.B * p.Lk; ++i) p.keep[i] = d[i] ? 1 : 0;
+      const int64_t* c = p.key_count.data() + b * (p.Lk + 1);
+      for (int64_t j = 0; j < p.Lk; ++j) p.keep[b * p.Lk + j] = c[j + 1] > c[j] ? 1 : 0;
     }
   }
   return p;

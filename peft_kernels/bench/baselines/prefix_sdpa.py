@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...attention import cat_sdpa, row_index, sequence_mask
+from ...attention import cat_sdpa, prefix_slots_visible, row_index, sequence_mask
 
 
 def visibility_mask(idx: Tensor, P: int, Lq: int, Lk: int, prefix_lens: Optional[Tensor] = None,
@@ -20,9 +20,7 @@ def visibility_mask(idx: Tensor, P: int, Lq: int, Lk: int, prefix_lens: Optional
     """``[B, 1, Lq, P + Lk]`` bool, True = query may attend the key (the op's contract), built
     once per batch as models do."""
     B = idx.shape[0]
-    slot = torch.arange(P, device=idx.device)[None]
-    prefix_ok = (idx >= 0)[:, None] & (slot < (P if prefix_lens is None else
-                                                prefix_lens.to(idx.device).long()[idx.clamp(min=0)][:, None]))
+    prefix_ok = prefix_slots_visible(idx.long(), P, prefix_lens)
     seq_ok = sequence_mask(key_padding_mask, B, Lq, Lk, causal, idx.device)
     return torch.cat([prefix_ok[:, None, None, :].expand(B, 1, Lq, P), seq_ok], dim=-1)
 
