@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .adapters import AdapterKind, Batch, as_config_dict, kind_class
 from .integrations.peft_io import AdapterFormatError, read_adapter_dir, write_adapter_dir
 from .methods.checkpointing import keep_call_context
+from .methods.geometry import model_device
 from .methods.prompt_model import compact_position_ids, generate_with_prompts, prompt_batch
 from .methods.selection import per_row
 
@@ -144,9 +145,7 @@ class MultiAdapterModel(nn.Module):
         try:
             kind_class(config.get("peft_type"))
             self._add(name, config, lambda kind: kind.load(name, config, state))
-        except AdapterFormatError as exc:
-            raise AdapterFormatError(f"{path}: {exc}") from exc
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # AdapterFormatError included
             raise AdapterFormatError(f"{path}: {exc}") from exc
 
     def unload_adapter(self, name: str) -> None:
@@ -210,8 +209,7 @@ class MultiAdapterModel(nn.Module):
             yield batch
 
     def _device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return model_device(self.model)
 
     def _inputs(self, batch: Batch, input_ids, attention_mask, labels, inputs_embeds) -> dict:
         if batch.prompt_rows is not None:

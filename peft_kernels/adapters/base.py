@@ -16,6 +16,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
+from ..methods.geometry import model_device
+
 
 class PeftConfig:
     """Mixin of the config dataclasses: conversion to and from PEFT-style configs.
@@ -111,8 +113,7 @@ class AdapterKind(nn.Module):
         return self.host.model
 
     def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return model_device(self.model)
 
     def _placed(self, module: nn.Module) -> nn.Module:
         """``module`` on the model's device, in the host's train/eval mode."""

@@ -71,7 +71,7 @@ class LoraKind(AdapterKind):
             a = kaiming_uniform(cfg.r, fan_in)
             b = torch.zeros(fan_out, cfg.r) if cfg.init_lora_weights is not False else kaiming_uniform(fan_out, cfg.r)
             weights[module_name] = (a, b)
-        stored = {**config, **LoraConfig.from_peft(config).to_peft_dict(), "target_modules": found, "r": cfg.r}
+        stored = {**config, **cfg.to_peft_dict(), "target_modules": found}
         self._install(name, stored, weights)
         return stored
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import lora_expand, lora_shrink
+from .geometry import model_device
 from .lora import AdapterRouting
 from .selection import name_matches, per_row
 
@@ -286,8 +287,7 @@ class BottleneckSites(nn.Module):
         return list(self.routing.names)
 
     def _device(self):
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return model_device(self.model)
 
     def _hook(self, key: str):
         def hook(module: nn.Module, args, output):
