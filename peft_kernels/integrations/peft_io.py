@@ -117,7 +117,8 @@ def write_adapter_dir(path: Union[str, os.PathLike], config: dict, state: dict[s
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)
         if root.is_dir():
             for extra in root.iterdir():
                 if extra.name not in (CONFIG_NAME, WEIGHTS_NAME) and extra.is_file():
@@ -125,7 +126,7 @@ def write_adapter_dir(path: Union[str, os.PathLike], config: dict, state: dict[s
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.chmod(tmp / name, 0o666 & ~_umask())
+            os.chmod(tmp / name, 0o666 & ~umask)
             _fsync(tmp / name)
         _fsync(tmp)
         if root.exists():
