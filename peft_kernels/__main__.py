@@ -1,4 +1,4 @@
-"""Command line: ``python -m peft_kernels {info,demo,bench}``."""
+"""Command line: ``python -m peft_kernels {info,demo,bench,serve}``."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     from .bench.cli import add_arguments as _bench_arguments
 
     _bench_arguments(p_bench)
+    p_serve = sub.add_parser("serve", help="an OpenAI-compatible server: continuous batching over adapters of every kind")
+    from .serve.cli import add_arguments as _serve_arguments
+
+    _serve_arguments(p_serve)
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -37,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
         raw = sys.argv[1:] if argv is None else list(argv)
         return run_bench(args, raw[raw.index("bench") + 1:] if "bench" in raw else raw)
+    if args.command == "serve":
+        from .serve.cli import run as run_serve
+
+        return run_serve(args)
     from .demo import run_demo
 
     return run_demo(device=args.device, seed=args.seed)

@@ -19,6 +19,8 @@
 
 Passing a ``MultiAdapterModel`` (or a ``BottleneckAdapterModel``) as ``model`` adds another adapter
 to it. Wrapping a plain model freezes it first, so only the method's parameters train.
+On an encoder-decoder model (BART, T5) the prefix configs give the paper's three prefixes per layer
+(encoder self-, decoder self- and decoder cross-attention; LoRA works too, prompt kinds are refused).
 KPT (a verbalizer, not an adapter) needs its label words: ``KPTVerbalizer(masked_lm, label_words,
 KPTConfig(...))`` (both re-exported here; see :mod:`peft_kernels.methods.kpt`).
 :func:`trainable_state_dict` / :func:`load_trainable_state_dict` save and restore exactly the
@@ -209,8 +211,8 @@ def load_trainable_state_dict(runner: nn.Module, state: dict[str, Tensor]) -> No
 
 def reference_models() -> dict[str, callable]:
     """Builders of the fixed, randomly initialised models the table measures on."""
-    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, ViTConfig,
-                              ViTForImageClassification)
+    from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForSequenceClassification,
+                              LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification)
 
     return {
         "Llama 4L/256 (GQA 8/4 heads, vocab 1000)": lambda: LlamaForCausalLM(LlamaConfig(
@@ -222,10 +224,13 @@ def reference_models() -> dict[str, callable]:
         "ViT 4L/256, 32x32 images, 4x4 patches, 10 classes": lambda: ViTForImageClassification(ViTConfig(
             image_size=32, patch_size=4, num_channels=3, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
             intermediate_size=1024, num_labels=10)),
+        "BART 2+2L/256 (encoder-decoder, vocab 1000)": lambda: BartForConditionalGeneration(BartConfig(
+            vocab_size=1000, d_model=256, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_position_embeddings=512)),
     }
 
 
-_LLAMA, _BERT, _VIT = ("Llama", "BERT", "ViT")
+_LLAMA, _BERT, _VIT, _BART = ("Llama", "BERT", "ViT", "BART")
 
 # method, config, reference model (prefix of a reference_models() key), what it trains, the op
 TABLE = (
@@ -233,6 +238,9 @@ TABLE = (
     ("Prefix tuning", PrefixTuningConfig(), _LLAMA,
      "20 prefix tokens + reparameterisation MLP (folds to per-layer K/V)", "prefix_attention"),
     ("P-tuning v2", PTuningV2Config(), _LLAMA, "per-layer K/V prefixes (20 tokens)", "prefix_attention"),
+    ("Prefix tuning (encoder-decoder)", PrefixTuningConfig(prefix_projection=False), _BART,
+     "K/V prefixes (20 tokens) for encoder self-, decoder self- and cross-attention of every layer",
+     "prefix_attention"),
     ("Prompt tuning", PromptTuningConfig(), _LLAMA, "20 input embeddings", "soft_prompt_embed+concat"),
     ("P-tuning", PTuningConfig(), _LLAMA, "20 input embeddings + MLP encoder (folds to a prompt)",
      "soft_prompt_embed+concat"),

@@ -1,7 +1,8 @@
 """Pure-torch implementations of every op: the CPU fallback and the test oracle.
 
 Each function implements exactly the op contract (the public ops' docstrings), vectorised
-(no Python loop over batch rows or adapters), with float32 (or float64) softmax and
+(no Python loop over batch rows or adapters; the packed attention reference is the one exception:
+it runs each sequence alone through the padded one), with float32 (or float64) softmax and
 accumulation. Inputs are assumed validated (see ``peft_kernels.ops._checks``).
 
 Bank/index convention shared by all ops: a bank holds ``T`` entries; ``index[b]`` picks one
@@ -19,6 +20,8 @@ __all__ = [
     "resolve_index",
     "prefix_attention",
     "prefix_attention_backward",
+    "prefix_attention_varlen",
+    "prefix_attention_varlen_backward",
     "multi_lora",
     "multi_lora_backward",
     "lora_shrink",
@@ -30,6 +33,10 @@ __all__ = [
     "soft_prompt_concat",
     "soft_prompt_concat_backward",
     "soft_prompt_mask",
+    "soft_prompt_embed_varlen",
+    "soft_prompt_embed_varlen_backward",
+    "soft_prompt_concat_varlen",
+    "soft_prompt_concat_varlen_backward",
 ]
 
 
@@ -199,6 +206,107 @@ def prefix_attention_backward(
         bank_grad(dkeys, prefix_k),
         bank_grad(dvalues, prefix_v),
     )
+
+
+def _varlen_sequences(q: Tensor, k: Tensor, prefix_k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                      prefix_index: Optional[Tensor]):
+    """Yield (s, q0, q1, k0, k1, entry [1] int64) for every sequence with at least one query."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    S = len(cq) - 1
+    idx = resolve_index(prefix_index, prefix_k.shape[0], S, q.device)
+    for s in range(S):
+        if cq[s + 1] > cq[s]:
+            yield s, cq[s], cq[s + 1], ck[s], ck[s + 1], idx[s : s + 1]
+
+
+def _varlen_setup(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, softmax_scale: Optional[float]):
+    """(accumulation dtype, prefix_k and prefix_v in it, softmax scale) of a packed attention call."""
+    acc = _acc_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return acc, prefix_k.to(acc), prefix_v.to(acc), scale
+
+
+def _as_padded(x: Tensor, acc: torch.dtype) -> Tensor:
+    """``[L, H, D]`` -> ``[1, H, L, D]`` in the accumulation dtype."""
+    return x.transpose(0, 1).unsqueeze(0).to(acc)
+
+
+def prefix_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    prefix_index: Optional[Tensor] = None,
+    prefix_lens: Optional[Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """``prefix_attention`` over packed sequences, one sequence at a time.
+
+    Shapes: q [Nq, Hq, D]; k, v [Nk, Hkv, D]; prefix_k, prefix_v [T, Hkv, P, D]; cu_seqlens_q,
+    cu_seqlens_k [S + 1] int32; prefix_index [S] or None; prefix_lens [T] or None.
+    Returns (out [Nq, Hq, D] in q's dtype, lse [Hq, Nq] float32).
+
+    Semantics: sequence s (queries cu_seqlens_q[s]..cu_seqlens_q[s+1], keys
+    cu_seqlens_k[s]..cu_seqlens_k[s+1]) is ``prefix_attention`` of that sequence alone as a
+    batch of one, under its own bank entry; nothing crosses sequences. max_seqlen_q/k are unused.
+    """
+    Nq, Hq, D = q.shape
+    acc, bank_k, bank_v, scale = _varlen_setup(q, prefix_k, prefix_v, softmax_scale)
+    out = q.new_zeros(Nq, Hq, D)
+    lse = torch.full((Hq, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+    for _, q0, q1, k0, k1, entry in _varlen_sequences(q, k, prefix_k, cu_seqlens_q, cu_seqlens_k, prefix_index):
+        o, l = prefix_attention(
+            _as_padded(q[q0:q1], acc), _as_padded(k[k0:k1], acc), _as_padded(v[k0:k1], acc), bank_k, bank_v,
+            entry, prefix_lens, None, causal, scale,
+        )
+        out[q0:q1] = o[0].transpose(0, 1).to(q.dtype)
+        lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def prefix_attention_varlen_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    prefix_index: Optional[Tensor] = None,
+    prefix_lens: Optional[Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``prefix_attention_varlen``'s output w.r.t. q, k, v, prefix_k, prefix_v.
+
+    Shapes: grad_out [Nq, Hq, D]; returns tensors shaped like q, k, v, prefix_k, prefix_v.
+    Semantics: each sequence's ``prefix_attention_backward`` alone; the prefix grads are summed over
+    the sequences in ascending order in the accumulation dtype (deterministic); keys of a sequence
+    without queries get 0.
+    """
+    acc, bank_k, bank_v, scale = _varlen_setup(q, prefix_k, prefix_v, softmax_scale)
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    dpk, dpv = bank_k.new_zeros(bank_k.shape), bank_v.new_zeros(bank_v.shape)
+    for _, q0, q1, k0, k1, entry in _varlen_sequences(q, k, prefix_k, cu_seqlens_q, cu_seqlens_k, prefix_index):
+        g = prefix_attention_backward(
+            _as_padded(grad_out[q0:q1], acc), _as_padded(q[q0:q1], acc), _as_padded(k[k0:k1], acc),
+            _as_padded(v[k0:k1], acc), bank_k, bank_v, entry, prefix_lens, None, causal, scale,
+        )
+        dq[q0:q1] = g[0][0].transpose(0, 1).to(q.dtype)
+        dk[k0:k1] = g[1][0].transpose(0, 1).to(k.dtype)
+        dv[k0:k1] = g[2][0].transpose(0, 1).to(v.dtype)
+        dpk += g[3]
+        dpv += g[4]
+    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
 
 
 # --------------------------------------------------------------------------- multi_lora
@@ -537,6 +645,136 @@ def soft_prompt_mask(
     slots = _slot_valid(idx, prompt_lens, prompt_len).to(attention_mask.dtype)
     tail = attention_mask[:, insert_at + prompt_len :] if replace else attention_mask[:, insert_at:]
     return torch.cat([attention_mask[:, :insert_at], slots, tail], dim=1)
+
+
+# --------------------------------------------------------------------------- packed (varlen) soft prompts
+# Each output row is a gather from one table: the tokens [N, H] followed by the bank viewed as
+# [T * P, H]. The backward of the gather is an index_add into that table (rows in ascending order).
+
+
+def _varlen_sources(cu_seqlens: Tensor, cu_seqlens_out: Tensor, total_out: int, num_tokens: int, num_prompts: int,
+                    prompt_len: int, prompt_index: Optional[Tensor], prompt_lens: Optional[Tensor]) -> Tensor:
+    """``[total_out]`` int64: output row r's row in ``cat([tokens [N], prompts.view(T * P)])``.
+
+    Semantics: output row r lies in sequence s with cu_seqlens_out[s] <= r < cu_seqlens_out[s + 1];
+    its first prompt_lens[t] rows (t = s's entry; none for -1) are prompt slots 0.., the rest are
+    tokens cu_seqlens[s].. in order.
+    """
+    device = cu_seqlens.device
+    cu, co = cu_seqlens.long(), cu_seqlens_out.to(device=device, dtype=torch.long)
+    S, T, P = cu.numel() - 1, num_prompts, prompt_len
+    idx = resolve_index(prompt_index, T, S, device)
+    lens = torch.full((T,), P, dtype=torch.long, device=device) if prompt_lens is None else prompt_lens.long()
+    plen = torch.where(idx >= 0, lens[idx.clamp(min=0)] if T else idx.new_zeros(()), 0)
+    rows = torch.arange(total_out, dtype=torch.long, device=device)
+    seq = torch.searchsorted(co[1:], rows, right=True)
+    off = rows - co[seq]
+    token = cu[seq] + off - plen[seq]
+    slot = num_tokens + idx[seq].clamp(min=0) * P + off
+    return torch.where(off < plen[seq], slot, token)
+
+
+def soft_prompt_concat_varlen(
+    embeds: Tensor,
+    prompts: Tensor,
+    cu_seqlens: Tensor,
+    cu_seqlens_out: Tensor,
+    total_out: int,
+    prompt_index: Optional[Tensor] = None,
+    prompt_lens: Optional[Tensor] = None,
+) -> Tensor:
+    """Packed sequences with each sequence's soft prompt put in front of it (ragged, no padding).
+
+    Shapes: embeds [N, H]; prompts [T, P, H]; cu_seqlens, cu_seqlens_out [S + 1] int32;
+    prompt_index [S] or None; prompt_lens [T] or None. Returns [total_out, H] in embeds' dtype.
+
+    Semantics: output sequence s (rows cu_seqlens_out[s]..cu_seqlens_out[s + 1]) is
+    ``cat([prompts[t, :prompt_lens[t]], embeds[cu_seqlens[s]:cu_seqlens[s + 1]]])`` with t = s's
+    entry; a sequence with -1 gets its tokens only.
+    """
+    N, H = embeds.shape
+    T, P, _ = prompts.shape
+    rows = _varlen_sources(cu_seqlens, cu_seqlens_out, total_out, N, T, P, prompt_index, prompt_lens)
+    return torch.cat([embeds, prompts.reshape(T * P, H).to(embeds.dtype)])[rows]
+
+
+def soft_prompt_concat_varlen_backward(
+    grad_out: Tensor,
+    cu_seqlens: Tensor,
+    cu_seqlens_out: Tensor,
+    num_tokens: int,
+    num_prompts: int,
+    prompt_len: int,
+    prompt_index: Optional[Tensor] = None,
+    prompt_lens: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``soft_prompt_concat_varlen`` w.r.t. embeds and prompts.
+
+    Shapes: grad_out [total_out, H]; returns dembeds [num_tokens, H] and dprompts
+    [num_prompts, prompt_len, H] in grad_out's dtype.
+    Semantics: dembeds is grad_out at each token's output row; dprompts[t, p] is the sum (fp32, or
+    fp64 for fp64, over the sequences using t in ascending order) of their slot-p grads; slots past
+    prompt_lens and unused entries get 0.
+    """
+    total_out, H = grad_out.shape
+    N, T, P = num_tokens, num_prompts, prompt_len
+    acc = _acc_dtype(grad_out.dtype)
+    rows = _varlen_sources(cu_seqlens, cu_seqlens_out, total_out, N, T, P, prompt_index, prompt_lens)
+    table = torch.zeros(N + T * P, H, dtype=acc, device=grad_out.device).index_add_(0, rows, grad_out.to(acc))
+    # copy=True: the two results must not be views of one table (custom ops may not alias their outputs)
+    return table[:N].to(grad_out.dtype, copy=True), table[N:].reshape(T, P, H).to(grad_out.dtype, copy=True)
+
+
+def soft_prompt_embed_varlen(
+    input_ids: Tensor,
+    weight: Tensor,
+    prompts: Tensor,
+    cu_seqlens: Tensor,
+    cu_seqlens_out: Tensor,
+    total_out: int,
+    prompt_index: Optional[Tensor] = None,
+    prompt_lens: Optional[Tensor] = None,
+) -> Tensor:
+    """Token embedding of packed sequences with each sequence's soft prompt put in front of it.
+
+    Shapes: input_ids [N]; weight [V, H]; the rest as ``soft_prompt_concat_varlen``.
+    Returns [total_out, H] in weight's dtype.
+
+    Semantics: equals ``soft_prompt_concat_varlen(weight[input_ids], prompts, ...)``.
+    """
+    return soft_prompt_concat_varlen(weight[input_ids.long()], prompts, cu_seqlens, cu_seqlens_out, total_out,
+                                     prompt_index, prompt_lens)
+
+
+def soft_prompt_embed_varlen_backward(
+    grad_out: Tensor,
+    input_ids: Tensor,
+    cu_seqlens: Tensor,
+    cu_seqlens_out: Tensor,
+    vocab_size: int,
+    num_prompts: int,
+    prompt_len: int,
+    prompt_index: Optional[Tensor] = None,
+    prompt_lens: Optional[Tensor] = None,
+    need_dweight: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``soft_prompt_embed_varlen`` w.r.t. weight and prompts.
+
+    Shapes: grad_out [total_out, H]; input_ids [N]; returns dweight [vocab_size, H] (an empty
+    [0, H] tensor when ``need_dweight`` is False) and dprompts [num_prompts, prompt_len, H].
+    Semantics: dweight index-adds each token's grad into its row of the table (fp32 sums, in token
+    order); dprompts as ``soft_prompt_concat_varlen_backward``.
+    """
+    H = grad_out.shape[1]
+    dtokens, dprompts = soft_prompt_concat_varlen_backward(
+        grad_out, cu_seqlens, cu_seqlens_out, input_ids.shape[0], num_prompts, prompt_len, prompt_index, prompt_lens
+    )
+    if not need_dweight:
+        return grad_out.new_zeros(0, H), dprompts
+    acc = _acc_dtype(grad_out.dtype)
+    dweight = torch.zeros(vocab_size, H, dtype=acc, device=grad_out.device)
+    dweight.index_add_(0, input_ids.long(), dtokens.to(acc))
+    return dweight.to(grad_out.dtype), dprompts
 
 
 # --------------------------------------------------------------------------- label_word_logits (KPT verbalizer)

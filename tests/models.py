@@ -33,3 +33,12 @@ def greedy_by_forward(forward, ids, steps: int):
         logits = forward(ids)
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
+
+
+def assert_same_grads(ours, ref, atol: float = 1e-5, rtol: float = 1e-4):
+    """Every trainable parameter of ``ours`` has the gradient of the same-named one of ``ref`` (and there are some)."""
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=atol, rtol=rtol, msg=n)

@@ -274,12 +274,14 @@ def test_architectures_whose_attention_bypasses_the_interface_refuse_prefixes():
     model.add_adapter("t", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2})  # soft prompts still work
 
 
-def test_encoder_decoder_models_are_refused_clearly():
+def test_soft_prompts_and_packing_on_encoder_decoder_models_are_refused_clearly():
     from transformers import T5Config, T5ForConditionalGeneration
 
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16))
+    model = pk.MultiAdapterModel(t5)
     with pytest.raises(ValueError, match="encoder-decoder"):
-        pk.MultiAdapterModel(t5)
+        model.add_adapter("p", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2})
+    assert "encoder-decoder" in model.pack_refusal()
 
 
 def test_bf16_is_refused_by_the_triton_interpreter_rather_than_computed_wrong():

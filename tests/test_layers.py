@@ -11,10 +11,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_kernels"
 TIERS = [
     {"_ext", "reference", "ops", "triton"},  # kernels and the ops over them
-    {"attention", "cache_utils"},  # transformers glue the methods run on
+    {"attention", "cache_utils", "packing"},  # transformers glue the methods run on
     {"methods"},  # PEFT methods: know models, never kernels directly
     {"integrations"},  # peft: patch() and adapter directories
-    {"adapters", "multi_adapter", "api", "mixed_training", "demo", "bench", "_info", "__main__", "__init__"},
+    {"adapters", "multi_adapter", "api", "mixed_training", "demo", "bench", "_info", "__main__", "__init__",
+     "distributed", "serve"},  # distributed: TP, DDP / FSDP2 and comm counters over the model layer; serve: HTTP
 ]
 TIER = {part: i for i, parts in enumerate(TIERS) for part in parts}
 

@@ -57,11 +57,13 @@ from compile_report import render  # noqa: E402
 from peft_kernels.triton import _tuning  # noqa: E402
 from peft_kernels.triton import multi_lora as tm  # noqa: E402
 from peft_kernels.triton import prefix_attention as tp  # noqa: E402
+from peft_kernels.triton import prefix_attention_varlen as tv  # noqa: E402
 from peft_kernels.triton import soft_prompt as ts  # noqa: E402
+from peft_kernels.triton import soft_prompt_varlen as tsv  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEAD_DIMS = (64, 128)
-_KERNEL_MODULES = (tp, tm, ts)
+_KERNEL_MODULES = (tp, tv, tm, ts, tsv)
 
 
 # --------------------------------------------------------------------------- recording launches
@@ -125,7 +127,24 @@ def _attention_case(dtype, D, *, B, Hq, Hkv, Lq, Lk, T=3, P=8):
     return q, k, v, pk, pv, index, lens, kpm
 
 
-OPS = ("attention", "lora", "soft_prompt")
+def _varlen_case(dtype, D, lq, lk, *, Hq=8, Hkv=2, T=3, P=8):
+    """The packed launcher's forward arguments for sequences of lq[s] queries and lk[s] keys."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lq), Hq, D, generator=g).to(dtype)
+    k = torch.randn(sum(lk), Hkv, D, generator=g).to(dtype)
+    v = torch.randn(sum(lk), Hkv, D, generator=g).to(dtype)
+    pk = torch.randn(T, Hkv, P, D, generator=g).to(dtype)
+    pv = torch.randn(T, Hkv, P, D, generator=g).to(dtype)
+    cu = [torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32) for n in (lq, lk)]
+    index = torch.arange(len(lq), dtype=torch.int64) % T
+    lens = torch.full((T,), P, dtype=torch.int64)
+    return q, k, v, pk, pv, cu[0], cu[1], max(lq), max(lk), index, lens
+
+
+# Packed decode launches: a split-K step over ragged keys, a wide unsplit step, a 16-token step.
+VARLEN_DECODE = (([1, 1], [512, 16]), ([1] * 64, [64] * 64), ([16], [512]))
+
+OPS = ("attention", "attention_varlen", "lora", "soft_prompt")
 
 
 def record_launches(dtypes, head_dims, ops=OPS) -> list[Launch]:
@@ -145,6 +164,17 @@ def record_launches(dtypes, head_dims, ops=OPS) -> list[Launch]:
             o, lse = torch.zeros_like(prefill[0]), torch.zeros(prefill[0].shape[:3])
             with recording(out, "attention backward", dname, D):
                 tp.prefix_attention_bwd(torch.zeros_like(o), *prefill, True, None, o, lse)
+        for D in head_dims if "attention_varlen" in ops else ():
+            prefill = _varlen_case(dtype, D, [64, 40, 24], [64, 56, 24])
+            with recording(out, "attention varlen prefill", dname, D):
+                tv.prefix_attention_varlen_fwd(*prefill, True, None)
+            if D in tp.DECODE_HEAD_DIMS:
+                for lq, lk in VARLEN_DECODE:
+                    with recording(out, f"attention varlen decode Lq={lq[0]} S={len(lq)}", dname, D):
+                        tv.prefix_attention_varlen_fwd(*_varlen_case(dtype, D, lq, lk), True, None)
+            o, lse = torch.zeros_like(prefill[0]), torch.zeros(prefill[0].shape[1], prefill[0].shape[0])
+            with recording(out, "attention varlen backward", dname, D):
+                tv.prefix_attention_varlen_bwd(torch.zeros_like(o), *prefill, True, None, o, lse)
         g = torch.Generator().manual_seed(0)
         shapes = [("lora decode N={N} T={T} R={R}", s) for s in tm.DECODE_SHAPES] if "lora" in ops else []
         if "lora" in ops:
@@ -175,6 +205,16 @@ def record_launches(dtypes, head_dims, ops=OPS) -> list[Launch]:
             ts.soft_prompt_concat(embeds, prompts, pidx, None, 1, False)
             ts.soft_prompt_embed_backward(grad, ids, V, Tp, pidx, None, 0, True)
             ts.soft_prompt_concat_backward(grad, Tp, Ps, pidx, None, 1, False)
+        cu = torch.tensor([0, 9, 9, 40, 57], dtype=torch.int32)  # ragged packed sequences, one empty
+        cu_out = torch.zeros(5, dtype=torch.int32)  # not read: launches are recorded, not run
+        N, total = int(cu[-1]), int(cu[-1]) + 8
+        ids_p, embeds_p = torch.randint(0, V, (N,)), torch.randn(N, Hs).to(dtype)
+        grad_p, vidx = torch.randn(total, Hs).to(dtype), torch.tensor([0, 1, -1, 1], dtype=torch.int32)
+        with recording(out, "soft prompt varlen", dname, "-"):
+            tsv.soft_prompt_embed_varlen(ids_p, weight, prompts, cu, cu_out, total, vidx, None)
+            tsv.soft_prompt_concat_varlen(embeds_p, prompts, cu, cu_out, total, vidx, None)
+            tsv.soft_prompt_embed_varlen_backward(grad_p, ids_p.int(), cu, cu_out, V, Tp, Ps, vidx, None, True)
+            tsv.soft_prompt_concat_varlen_backward(grad_p, cu, cu_out, N, Tp, Ps, vidx, None)
     return out
 
 
@@ -324,7 +364,7 @@ def _estimate(la: Launch, job: Job):
     cfg = triton.Config(job.config["kwargs"], num_warps=job.config["num_warps"], num_stages=job.config["num_stages"])
     named = _named(la)
     name = la.kernel.rsplit(".", 1)[-1] if la.kernel else ""
-    if la.fn.__module__.endswith("prefix_attention") and name in tp._SMEM_ROWS:
+    if la.fn.__module__.endswith(("prefix_attention", "prefix_attention_varlen")) and name in tp._SMEM_ROWS:
         return tp.smem_estimate(name, cfg, named["Q"].element_size(), named["D_PAD"])
     if la.fn.__module__.endswith("multi_lora") and name in tm._SMEM_TILES:
         a, b = (named[n].element_size() for n in tm._OPERANDS[name])

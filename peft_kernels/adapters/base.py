@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,9 @@ class Batch:
     name to its kind's ``peft_type``; kinds enter their per-call state (a
     ``contextvars``-backed ``use`` block) with :meth:`enter`; soft-prompt kinds put each
     row's prompt module in ``prompts`` (``{name: module}``) so one fused embed serves them all.
+    A packed call sets ``slots_per_row`` [B] (the stream slots of each row's sequence): per-token
+    indices then come from :meth:`token_index`. Prefix kinds put each row's position offset in
+    ``position_offset``.
     """
 
     names: list[Optional[str]]
@@ -73,6 +76,15 @@ class Batch:
     device: torch.device
     stack: contextlib.ExitStack
     prompts: dict[str, nn.Module] = field(default_factory=dict)
+    slots_per_row: Optional[Tensor] = None
+    position_offset: Union[int, Tensor] = 0
+
+    def token_index(self, per_row: Tensor) -> Tensor:
+        """A per-row index [B] as the layers consume it: unchanged in a padded call, one entry per
+        stream slot ([N]) in a packed one."""
+        if self.slots_per_row is None:
+            return per_row
+        return torch.repeat_interleave(per_row, self.slots_per_row.to(per_row.device))
 
     def rows_of(self, kind: "AdapterKind") -> list[Optional[str]]:
         """Each row's adapter if it is of ``kind``, else None."""
@@ -143,6 +155,14 @@ class AdapterKind(nn.Module):
     def route(self, batch: Batch) -> None:
         """Set up this call for the rows of ``batch`` that use this kind (enter per-call state)."""
         raise NotImplementedError
+
+    def virtual_tokens(self, name: str) -> int:
+        """Soft-prompt slots adapter ``name`` puts before a row's tokens (0 unless a prompt kind)."""
+        return 0
+
+    def position_offset(self, name: str) -> int:
+        """The position a row of adapter ``name`` gives its first token (0 unless a prefix kind)."""
+        return 0
 
 
 class TableKind(AdapterKind):

@@ -81,4 +81,4 @@ class BottleneckKind(AdapterKind):
     def route(self, batch: Batch) -> None:
         index = self.sites.index(batch.rows_of(self), batch.device)
         if index is not None:
-            batch.enter(self.sites.routing.use(index))
+            batch.enter(self.sites.routing.use(batch.token_index(index)))

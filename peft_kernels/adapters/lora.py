@@ -144,4 +144,4 @@ class LoraKind(AdapterKind):
         if all(n is None for n in rows):
             return
         slots = [-1 if n is None else self.routing.names.index(n) for n in rows]
-        batch.enter(self.routing.use(torch.tensor(slots, dtype=torch.int32, device=batch.device)))
+        batch.enter(self.routing.use(batch.token_index(torch.tensor(slots, dtype=torch.int32, device=batch.device))))

@@ -84,6 +84,9 @@ class PromptTuningKind(TableKind):
         module.weight.data.copy_(table)
         return self._add(name, module, config, table.shape[0])
 
+    def virtual_tokens(self, name: str) -> int:
+        return self.tables[name].num_virtual_tokens
+
     def route(self, batch: Batch) -> None:
         for name in batch.rows_of(self):
             if name is not None:

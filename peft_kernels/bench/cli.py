@@ -21,8 +21,10 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--op", choices=("prefix", "lora", "prompt", "e2e", "all"), default="all",
-                   help="which suite to run (default: all)")
+    p.add_argument("--op", choices=("prefix", "lora", "prompt", "e2e", "distributed", "serve", "all"), default="all",
+                   help="which suite to run (default: all; 'distributed' launches 2 gloo ranks with torchrun and "
+                        "counts the bytes each moves per training step; 'serve' runs 64 mixed-kind requests through "
+                        "a real server process vs PEFT one at a time and static MultiAdapterModel batches)")
     p.add_argument("--quick", action="store_true",
                    help="a handful of rows per op (~2 min on an H100; tiny shapes, seconds, without CUDA)")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
@@ -95,6 +97,20 @@ def render(path: str, out: Optional[str] = None) -> int:
 def _run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
     if args.render:
         return render(args.render, args.out)
+    if args.op == "distributed":
+        from . import distributed
+
+        out = Path(args.out) if args.out else default_out_dir("distributed")
+        row = distributed.run(out=str(out))
+        print(distributed.markdown(row))
+        return 0
+    if args.op == "serve":
+        from . import serve
+
+        out = Path(args.out) if args.out else default_out_dir("serve")
+        threads = ["--server-arg", f"--threads={args.threads}"] if args.threads else []  # the server's, as ours
+        return serve.main(["--samples", str(max(7, args.cpu_samples or 7)), "--seed", str(args.seed), "--out", str(out),
+                           *threads])
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2

@@ -12,12 +12,14 @@ from torch import nn
 
 from .. import attention as attn
 from ..methods.checkpointing import keep_call_context
-from ..methods.lora import stack_lora
-from ..methods.prefix_tuning import layer_prefixes
+from ..methods.lora import lora_sharding, stack_lora
+from ..methods.prefix_tuning import layer_prefixes, local_kv_heads
 from ..methods.prompt_model import generate_with_prompts, prompt_inputs
+from ..methods.seq2seq_prefix import peft_layers, seq2seq_geometry
 from ..ops import multi_lora
 
 SUPPORTED = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LORA")
+SEQ2SEQ_SUPPORTED = ("PREFIX_TUNING", "LORA")
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
@@ -66,7 +68,12 @@ def _prefix_selection(self) -> attn.PrefixSelection:
     if self.base_model_torch_dtype is not None:
         flat = flat.to(self.base_model_torch_dtype)
     heads = config.num_attention_heads
+    if config.num_transformer_submodules == 2:  # encoder-decoder: PEFT's decoder self-attention prefixes only
+        return attn.PrefixSelection(peft_layers(flat, config.num_layers, heads, config.token_dim // heads), None, P)
     layers = layer_prefixes(flat, config.num_layers, heads, config.token_dim // heads)
+    local = local_kv_heads(self.base_model)  # a tensor-parallel rank's attention holds some KV heads only
+    if local is not None:
+        layers = {i: attn.LayerPrefix(lp.key[:, local], lp.value[:, local]) for i, lp in layers.items()}
     return attn.PrefixSelection(layers, None, P)
 
 
@@ -89,6 +96,39 @@ def _prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=Non
                                output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
 
 
+def _seq2seq_prefix_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                            decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None,
+                            output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    """PEFT's ``SEQ_2_SEQ_LM`` prefix-tuning forward with the prefix read by the attention kernel.
+
+    Semantics: PEFT's forward: each decoder self-attention layer attends its prefix (PEFT's
+    layout) and the decoder's positions start at P; the encoder and the cross-attention get no
+    prefix, as in PEFT (whose prefix sits in the decoder's cache, which the encoder never reads).
+    The masks stay [B, L] (PEFT prepends P ones to ``decoder_attention_mask``).
+    """
+    if self.training:
+        keep_call_context(self.base_model)
+    with self._peft_kernels_prefix.use(_prefix_selection(self)):
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                               decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, **kwargs)
+
+
+def _check_seq2seq_prefix(peft_model) -> None:
+    """ValueError unless PEFT's encoder-decoder prefix table fits the decoder layer for layer."""
+    config = peft_model.active_peft_config
+    g = seq2seq_geometry(peft_model.base_model.config)
+    head_dim = config.token_dim // config.num_attention_heads
+    if config.num_transformer_submodules != 2 or (config.num_layers, config.num_attention_heads, head_dim) != \
+            (g.decoder_layers, g.kv_heads, g.head_dim):
+        raise ValueError(f"patch: this PEFT prefix ({config.num_transformer_submodules} submodules, "
+                         f"{config.num_layers} layers x {config.num_attention_heads} heads x {head_dim}) does not fit "
+                         f"the decoder ({g.decoder_layers} layers x {g.kv_heads} heads x {g.head_dim}), which PEFT's "
+                         "cache layout needs; not supported")
+
+
 def _prefix_generate(self, *args, **kwargs):
     """Generation with the prefix in the attention kernel: the KV cache holds only real tokens."""
     if self._adapters_disabled:  # inside PEFT's disable_adapter(): the base model
@@ -104,9 +144,14 @@ def _lora_bank(layer: nn.Module, names: list[str], dtype, device):
 
     Semantics: one adapter: views of its own weights (no copy, so in-place edits such as
     ``lora_B.weight.data[...] = ...`` are always seen, and the bank costs nothing per call);
-    several: stacked from the current weights at every call (differentiable, never stale).
+    several: stacked from the current weights at every call (differentiable, never stale). On a
+    tensor-parallel base layer: this rank's part of each (S-LoRA: B's output rows of a
+    column-parallel layer, A's input columns of a row-parallel one).
     """
     weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+    sharding = layer.__dict__.get("_peft_kernels_sharding")
+    if sharding is not None:  # a tensor-parallel base: this rank's part of each adapter
+        weights = [sharding.local(a, b) for a, b in weights]
     if len(weights) == 1 and weights[0][0].dtype == dtype:
         a, b = weights[0]
         lora_a, lora_b = a[None], b[None]
@@ -115,6 +160,27 @@ def _lora_bank(layer: nn.Module, names: list[str], dtype, device):
         lora_a, lora_b, ranks = stack_lora([a for a, _ in weights], [b for _, b in weights], dtype)
     scaling = torch.tensor([float(layer.scaling[n]) for n in names], device=device)
     return lora_a, lora_b, ranks, scaling
+
+
+def _run_lora(layer: nn.Module, x, lora_a, lora_b, index, scaling, ranks, base):
+    """``multi_lora`` of a PEFT LoRA layer, or its tensor-parallel form on a sharded base layer.
+
+    Shapes: x [..., in] (this rank's features on a row-parallel base), base [..., out] (this
+    rank's outputs on a column-parallel one); index [N], [B] (per sequence) or None.
+    Semantics: on a tensor-parallel base the bank is this rank's part (S-LoRA, see
+    :func:`_lora_bank`) and the rank-space sums are all-reduced where the layer needs them.
+    """
+    sharding = layer.__dict__.get("_peft_kernels_sharding")
+    if sharding is None:
+        return multi_lora(x, lora_a, lora_b, index, scaling, ranks=ranks, base=base, validate=False)
+    x2, base2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
+    if index is not None and index.shape[0] != x2.shape[0]:
+        index = index.repeat_interleave(x2.shape[0] // index.shape[0])
+    if index is None and lora_a.shape[0] == 1:
+        index = torch.zeros(x2.shape[0], dtype=torch.int32, device=x.device)
+    if ranks is None:
+        ranks = torch.full((lora_a.shape[0],), lora_a.shape[1], dtype=torch.int32, device=x.device)
+    return sharding.forward(x2, lora_a, lora_b, index, scaling, ranks, base2).view_as(base)
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -139,13 +205,12 @@ def _lora_forward(self, x, *args, **kwargs):
     if adapter_names is not None:
         lora_a, lora_b, ranks, scaling = _lora_bank(self, names, dtype, x.device)
         index = torch.tensor([names.index(n) if n in names else -1 for n in adapter_names], device=x.device)
-        out = multi_lora(xa, lora_a, lora_b, index, scaling, ranks=ranks, base=result.to(dtype), validate=False)
+        out = _run_lora(self, xa, lora_a, lora_b, index, scaling, ranks, result.to(dtype))
         return out.to(result.dtype)
     out = result.to(dtype)
     for name in names:  # several active adapters add up, as in PEFT
         lora_a, lora_b, ranks, scaling = _lora_bank(self, [name], dtype, x.device)
-        out = multi_lora(self.lora_dropout[name](xa), lora_a, lora_b, None, scaling, ranks=ranks, base=out,
-                         validate=False)
+        out = _run_lora(self, self.lora_dropout[name](xa), lora_a, lora_b, None, scaling, ranks, out)
     return out.to(result.dtype)
 
 
@@ -156,7 +221,8 @@ def _lora_layers(peft_model: nn.Module) -> list[nn.Module]:
 
 
 def patch(peft_model: nn.Module) -> nn.Module:
-    """Make a ``peft.PeftModelForCausalLM`` run on peft_kernels ops; returns the same object.
+    """Make a ``peft.PeftModelForCausalLM`` (or a ``PeftModelForSeq2SeqLM`` with prefix tuning or
+    LoRA) run on peft_kernels ops; returns the same object.
 
     Semantics: prompt tuning and P-tuning: one fused embed + prompt op per forward; logits equal
     PEFT's forward (to dtype tolerance); ``generate`` decodes greedily exactly as repeated PEFT
@@ -165,30 +231,39 @@ def patch(peft_model: nn.Module) -> nn.Module:
     in the KV cache, not in the attention mask), real tokens keep PEFT's positions P..P+L-1,
     and ``generate`` equals greedy decoding by PEFT's forward. LoRA: every ``Linear`` LoRA layer runs one
     ``multi_lora`` call, also for PEFT's mixed batches (``adapter_names=``), instead of a
-    Python loop over adapters. ``unpatch`` restores PEFT's routes.
+    Python loop over adapters. Encoder-decoder prefix tuning (BART, T5): PEFT's forward exactly,
+    which prefixes the decoder's self-attention only (see :func:`_seq2seq_prefix_forward`).
+    ``unpatch`` restores PEFT's routes.
     """
     try:
-        from peft import PeftModelForCausalLM
+        from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
     except ImportError as exc:  # pragma: no cover - peft is an optional dependency
         raise ImportError("peft_kernels.patch needs the `peft` package: pip install peft") from exc
-    if not isinstance(peft_model, PeftModelForCausalLM):
-        raise TypeError(f"patch takes a peft.PeftModelForCausalLM, got {type(peft_model).__name__}")
+    if not isinstance(peft_model, (PeftModelForCausalLM, PeftModelForSeq2SeqLM)):
+        raise TypeError(f"patch takes a peft.PeftModelForCausalLM or PeftModelForSeq2SeqLM, "
+                        f"got {type(peft_model).__name__}")
     kind = _peft_type(peft_model)
-    if kind not in SUPPORTED:
-        raise ValueError(f"patch: {kind} models are not supported yet; supported: {', '.join(SUPPORTED)}")
+    seq2seq = isinstance(peft_model, PeftModelForSeq2SeqLM)
+    supported = SEQ2SEQ_SUPPORTED if seq2seq else SUPPORTED
+    if kind not in supported:
+        raise ValueError(f"patch: {kind} models are not supported yet{' for encoder-decoder models' * seq2seq}; "
+                         f"supported: {', '.join(supported)}")
     if kind == "LORA":
         for layer in _lora_layers(peft_model):
+            layer._peft_kernels_sharding = lora_sharding(layer.base_layer)  # None unless tensor-parallel
             layer.forward = MethodType(_lora_forward, layer)
     elif kind == "PREFIX_TUNING":
         from peft.utils import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING as special
 
         model_type = peft_model.base_model.config.model_type
-        if model_type in special or peft_model.active_peft_config.num_transformer_submodules != 1:
+        if seq2seq:
+            _check_seq2seq_prefix(peft_model)
+        elif model_type in special or peft_model.active_peft_config.num_transformer_submodules != 1:
             raise ValueError(f"patch: prefix tuning of {model_type} needs PEFT's own cache layout; not supported")
         state = attn.PrefixState()
         peft_model._peft_kernels_prefix = state
         peft_model._peft_kernels_attachment = attn.attach(peft_model.base_model, state)
-        peft_model.forward = MethodType(_prefix_forward, peft_model)
+        peft_model.forward = MethodType(_seq2seq_prefix_forward if seq2seq else _prefix_forward, peft_model)
         peft_model.generate = MethodType(_prefix_generate, peft_model)
     else:
         peft_model.forward = MethodType(_prompt_forward, peft_model)
@@ -202,6 +277,7 @@ def unpatch(peft_model: nn.Module) -> nn.Module:
     if getattr(peft_model, "_peft_kernels_patched", None) == "LORA":
         for layer in _lora_layers(peft_model):
             layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("_peft_kernels_sharding", None)
     if "_peft_kernels_attachment" in peft_model.__dict__:
         peft_model._peft_kernels_attachment.detach()
     for name in ("forward", "generate", "_peft_kernels_patched", "_peft_kernels_prefix", "_peft_kernels_attachment"):

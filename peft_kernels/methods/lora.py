@@ -90,6 +90,29 @@ def kaiming_uniform(rows: int, fan_in: int, generator: Optional[torch.Generator]
     return torch.empty(rows, fan_in).uniform_(-bound, bound, generator=generator)
 
 
+# Rules that map a tensor-parallel base layer to its bank sharding (``peft_kernels.distributed``
+# registers one for DTensor-sharded layers); each returns None for a layer it does not shard.
+SHARDING_RULES: list = []
+
+
+def lora_sharding(base: nn.Module):
+    """The bank sharding of ``base`` from :data:`SHARDING_RULES` (None: an unsharded layer).
+
+    Semantics: a sharding has ``in_features`` / ``out_features`` (this rank's bank widths),
+    ``shard(a, b)`` (this rank's part of full [.., r, in] / [.., out, r] weights), ``gather(a, b)``
+    (the full weights, a collective) and ``forward(x, lora_a, lora_b, index, scaling, ranks, base)``
+    (the layer's output). A DTensor weight no rule takes is refused (its output is one rank's part).
+    """
+    for rule in SHARDING_RULES:
+        sharding = rule(base)
+        if sharding is not None:
+            return sharding
+    if type(getattr(base, "weight", None)).__name__ == "DTensor":
+        raise TypeError(f"{type(base).__name__} has a tensor-parallel (DTensor) weight: import peft_kernels.distributed "
+                        "so LoRA banks are sharded with it")
+    return None
+
+
 class LoraLinear(nn.Module):
     """``nn.Linear`` plus a bank of LoRA adapters, applied per row with ``multi_lora``.
 
@@ -98,7 +121,10 @@ class LoraLinear(nn.Module):
     Semantics: y = base(x) + scaling[t] * dropout_t(x) @ A[t, :r]^T @ B[t, :, :r]^T with t the
     row's slot from the shared routing (rank 0 = this adapter does not target this layer).
     The bank is stored in the adapters' dtype (fp32 by default); x and base(x) are cast to it
-    and the result back. ``merge(name)`` folds one adapter into the base weight.
+    and the result back. ``merge(name)`` folds one adapter into the base weight. On a
+    tensor-parallel base (:func:`lora_sharding`) the bank holds this rank's part only (S-LoRA:
+    B by output rows for a column-parallel layer, A by input columns for a row-parallel one);
+    ``weights`` then gathers the full tensors.
     """
 
     def __init__(self, base: nn.Linear, routing: AdapterRouting, dtype: torch.dtype = torch.float32):
@@ -107,9 +133,12 @@ class LoraLinear(nn.Module):
             raise TypeError(f"LoraLinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
         self.base = base
         self.routing = routing
+        self.sharding = lora_sharding(base)
+        bank_in, bank_out = (self.in_features, self.out_features) if self.sharding is None else (
+            self.sharding.in_features, self.sharding.out_features)
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(0, 0, self.in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(0, self.out_features, 0, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(torch.zeros(0, 0, bank_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(0, bank_out, 0, dtype=dtype, device=device))
         self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32, device=device))
         self.register_buffer("scaling", torch.zeros(0, dtype=torch.float32, device=device))
         self.dropout: list[float] = []
@@ -135,9 +164,11 @@ class LoraLinear(nn.Module):
         if a is not None and (a.shape != (r, self.in_features) or b is None or b.shape != (self.out_features, r)):
             raise ValueError(f"adapter weights must be A [r, {self.in_features}] and B [{self.out_features}, r], got "
                              f"A {list(a.shape)} and B {None if b is None else list(b.shape)}")
+        if r and self.sharding is not None:
+            a, b = self.sharding.shard(a, b)
         R2 = max(R, r)
-        new_a = self.lora_A.new_zeros(T + 1, R2, self.in_features)
-        new_b = self.lora_B.new_zeros(T + 1, self.out_features, R2)
+        new_a = self.lora_A.new_zeros(T + 1, R2, self.lora_A.shape[2])
+        new_b = self.lora_B.new_zeros(T + 1, self.lora_B.shape[1], R2)
         new_a[:T, :R] = self.lora_A
         new_b[:T, :, :R] = self.lora_B
         if r:
@@ -158,9 +189,10 @@ class LoraLinear(nn.Module):
         self.dropout = [self.dropout[t] for t in keep]
 
     def weights(self, slot: int) -> tuple[Tensor, Tensor]:
-        """(A [r, in], B [out, r]) of one slot (views into the bank)."""
+        """(A [r, in], B [out, r]) of one slot (views into the bank; gathered over the ranks when sharded)."""
         r = int(self.ranks[slot])
-        return self.lora_A[slot, :r], self.lora_B[slot, :, :r]
+        a, b = self.lora_A[slot, :r], self.lora_B[slot, :, :r]
+        return (a, b) if self.sharding is None else self.sharding.gather(a, b)
 
     def delta_weight(self, slot: int) -> Tensor:
         a, b = self.weights(slot)
@@ -174,6 +206,8 @@ class LoraLinear(nn.Module):
     def merge(self, slot: int, name: str) -> None:
         if self.merged is not None:
             raise ValueError(f"adapter {self.merged!r} is already merged; unmerge it first")
+        if self.sharding is not None:
+            raise ValueError("merging a LoRA adapter into a tensor-parallel base layer is not supported")
         self.base.weight += self._base_delta(slot)
         self.merged = name
 
@@ -212,7 +246,8 @@ class LoraLinear(nn.Module):
         if self.training and any(self.dropout):
             x2 = self._row_dropout(x2, index)
         buffers = self._buffers
-        out = multi_lora_rows(x2, lora_a, self._parameters["lora_B"], index, buffers["scaling"], buffers["ranks"], y2)
+        run = multi_lora_rows if self.sharding is None else self.sharding.forward
+        out = run(x2, lora_a, self._parameters["lora_B"], index, buffers["scaling"], buffers["ranks"], y2)
         out = out.view_as(y)
         return out if out.dtype == y.dtype else out.to(y.dtype)
 

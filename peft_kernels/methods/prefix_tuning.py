@@ -104,18 +104,35 @@ def stack_layer_prefixes(per_prefix: Sequence[dict[int, attn.LayerPrefix]]) -> d
     return banks
 
 
+# Rules giving the KV heads a tensor-parallel model's attention holds on this rank (registered by
+# ``peft_kernels.distributed``); each returns None for a model it does not shard.
+KV_HEAD_RULES: list = []
+
+
+def local_kv_heads(model: nn.Module) -> Optional[slice]:
+    """The KV heads of ``model``'s attention on this rank (None: all, an unsharded model)."""
+    for rule in KV_HEAD_RULES:
+        heads = rule(model)
+        if heads is not None:
+            return heads
+    return None
+
+
 def select_prefixes(prefixes: Mapping[str, PrefixEncoder], names: Sequence[Optional[str]],
-                    device) -> attn.PrefixSelection:
+                    device, kv_heads: Optional[slice] = None) -> attn.PrefixSelection:
     """This batch's prefixes: per-layer banks, row index, position offsets.
 
+    Shapes: each layer's bank [T, Hkv, P, D], or [T, len(kv_heads), P, D] with ``kv_heads``.
     Semantics: built once per batch (every layer then reads it through
     :meth:`PrefixState.use`); rows with None get no prefix and no position offset; with no
-    prefix in the batch every layer runs prefix-free.
+    prefix in the batch every layer runs prefix-free. ``kv_heads`` keeps those KV heads only
+    (a tensor-parallel rank's, :func:`local_kv_heads`).
     """
     used = used_in_order(names, list(prefixes))
     if not used:
         return attn.NO_PREFIX
-    layers = {i: attn.LayerPrefix(lp.key.to(device), lp.value.to(device), lp.lens.to(device))
+    heads = slice(None) if kv_heads is None else kv_heads
+    layers = {i: attn.LayerPrefix(lp.key[:, heads].to(device), lp.value[:, heads].to(device), lp.lens.to(device))
               for i, lp in stack_layer_prefixes([prefixes[n].layers() for n in used]).items()}
     index = torch.tensor([-1 if n is None else used.index(n) for n in names], dtype=torch.int32, device=device)
     lengths = torch.tensor([0] + [prefixes[n].num_virtual_tokens for n in used], device=device)
@@ -142,7 +159,7 @@ class PrefixTunedModel(nn.Module):
 
     def _selection(self, prefix, rows: int) -> attn.PrefixSelection:
         names = per_row(prefix, rows, list(self.prefixes), "prefix")
-        return select_prefixes(self.prefixes, names, self.model.device)
+        return select_prefixes(self.prefixes, names, self.model.device, local_kv_heads(self.model))
 
     def forward(self, input_ids=None, attention_mask=None, *, prefix=None, **kwargs):
         """Run the model with each row's prefix; ``input_ids``/``inputs_embeds`` for text models,

@@ -19,8 +19,14 @@ IGNORE_INDEX = -100
 
 
 def _plain_embedding(module: nn.Module) -> bool:
-    """True when ``module(ids)`` is exactly ``weight[ids]`` (no scaling, renorm or override)."""
-    return type(module) is nn.Embedding and module.max_norm is None
+    """True when ``module(ids)`` is exactly ``weight[ids]`` (no scaling, renorm or override).
+
+    Semantics: False for a tensor-parallel embedding (a DTensor weight, or a forward replaced
+    per instance, as transformers' ``tp_plan`` does for a vocab-parallel table): the module's
+    own forward then embeds and the prompt is inserted afterwards.
+    """
+    return (type(module) is nn.Embedding and module.max_norm is None and "forward" not in module.__dict__
+            and type(module.weight).__name__ != "DTensor")
 
 
 def prompt_inputs(

@@ -160,8 +160,8 @@ def _usable(device_type: str) -> dict[str, tuple[bool, str]]:
 
 
 _STATUS_CACHE: dict = {}
-# (op, device type, forced, interpreting, extensions) -> (backend, kernel, len(impls)): choices that
-# did not depend on the arguments (no `supports` was consulted), checked against the registry on use.
+# (op, device type, forced, interpreting, extensions) -> the usable kernels in preference order
+# (cleared whenever a kernel is registered).
 _SELECTED: dict = {}
 
 
@@ -181,14 +181,30 @@ def _has_bf16(args: tuple) -> bool:
 
 def select(op: str, device: torch.device, *args) -> tuple[str, Callable]:
     """The backend name and kernel that will run ``op`` on ``args`` (tensors on ``device``)."""
-    impls = _KERNELS[op]
     device_type = device.type if device.type in _PREFERENCE else "cpu"
     forced = forced_backend()
     key = (op, device_type, forced, _interpreting(), id(_ext.CPU), id(_ext.CUDA))
-    hit = _SELECTED.get(key)
-    if hit is not None and impls.get(hit[0]) is hit[1] and len(impls) == hit[2]:
-        _LAST[op] = hit[0]
-        return hit[0], hit[1].fn
+    candidates = _SELECTED.get(key)
+    if candidates is None:
+        candidates = _SELECTED[key] = _candidates(op, device, device_type, forced)
+    for name, kernel in candidates:
+        if name == "triton" and device_type == "cpu" and _has_bf16(args):
+            if forced == "triton":
+                raise BackendUnavailableError(
+                    f"backend 'triton' forced for {op} on bfloat16 CPU tensors: the Triton interpreter computes "
+                    "bf16 tl.dot wrongly (a known Triton limitation); use fp32/fp16 under TRITON_INTERPRET=1, "
+                    "or bf16 on a GPU")
+            continue
+        if kernel.supports is not None and kernel.supports(*args) is not None:
+            continue
+        _LAST[op] = name
+        return name, kernel.fn
+    raise BackendUnavailableError(f"no backend can run {op} on {device}")  # reference takes anything
+
+
+def _candidates(op: str, device: torch.device, device_type: str, forced: Optional[str]) -> list[tuple[str, Kernel]]:
+    """The usable kernels of ``op`` in preference order (the forced backend first); what remains
+    per call is each kernel's ``supports`` check on the arguments."""
     usable = _usable(device_type)
     order = _PREFERENCE[device_type]
     if forced is not None:
@@ -196,25 +212,5 @@ def select(op: str, device: torch.device, *args) -> tuple[str, Callable]:
         if not ok:
             raise BackendUnavailableError(f"backend {forced!r} forced but unavailable for {device} tensors: {why}")
         order = (forced,) + tuple(b for b in order if b != forced)
-    consulted = False
-    for name in order:
-        kernel = impls.get(name)
-        if kernel is None or not usable[name][0]:
-            continue
-        if name == "triton" and device_type == "cpu" and _has_bf16(args):
-            consulted = True  # the choice depends on the arguments' dtypes: not cached
-            if forced == "triton":
-                raise BackendUnavailableError(
-                    f"backend 'triton' forced for {op} on bfloat16 CPU tensors: the Triton interpreter computes "
-                    "bf16 tl.dot wrongly (a known Triton limitation); use fp32/fp16 under TRITON_INTERPRET=1, "
-                    "or bf16 on a GPU")
-            continue
-        if kernel.supports is not None:
-            consulted = True
-            if kernel.supports(*args) is not None:
-                continue
-        if not consulted:
-            _SELECTED[key] = (name, kernel, len(impls))
-        _LAST[op] = name
-        return name, kernel.fn
-    raise BackendUnavailableError(f"no backend can run {op} on {device}")  # reference takes anything
+    impls = _KERNELS[op]
+    return [(name, impls[name]) for name in order if name in impls and usable[name][0]]

@@ -45,41 +45,57 @@ def _(grad_out, q, k, v, prefix_k, prefix_v, *rest):
     return tuple(torch.empty_like(t) for t in (q, k, v, prefix_k, prefix_v))
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse)
-    ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(lse)
+def register_attention_autograd(op, backward_op) -> None:
+    """Autograd of an attention op through its backward op.
+
+    Shapes: ``op(q, k, v, prefix_k, prefix_v, *rest) -> (out, lse)``; ``backward_op(grad_out, q, k, v,
+    prefix_k, prefix_v, *rest, out, lse) -> (dq, dk, dv, dprefix_k, dprefix_v)``.
+    Semantics: the tensor inputs (and out, lse) are saved for backward and the other inputs kept as
+    they are; grad_out is made contiguous; lse and every input after prefix_v get no gradient.
+    """
+    def setup(ctx, inputs, output):
+        out, lse = output
+        ctx.save_for_backward(*(x if isinstance(x, Tensor) else None for x in inputs), out, lse)
+        ctx.constants = tuple(None if isinstance(x, Tensor) else x for x in inputs)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        *saved, out, lse = ctx.saved_tensors
+        inputs = (c if x is None else x for x, c in zip(saved, ctx.constants))
+        grads = backward_op(grad_out.contiguous(), *inputs, out, lse)
+        return (*grads, *(None,) * (len(ctx.constants) - 5))
+
+    register_autograd(op, backward, setup)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, out, lse = ctx.saved_tensors
-    grads = _attn_backward_op(
-        grad_out.contiguous(), q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
-        ctx.causal, ctx.scale, out, lse,
-    )
-    return (*grads, None, None, None, None, None)
+register_attention_autograd(_attn_op, _attn_backward_op)
 
 
-register_autograd(_attn_op, _backward, _setup)
+def without_out_lse(reference_backward):
+    """A reference backward as the backward op's kernel, which also receives the forward's out and lse.
 
+    Shapes: the backward op's arguments ``(grad_out, *inputs, out, lse)``; returns the reference's grads.
+    Semantics: ``reference_backward(grad_out, *inputs)``: the reference recomputes what it needs.
+    """
+    def backward(*args):
+        return reference_backward(*args[:-2])
 
-def _reference_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask,
-                        causal, softmax_scale, out, lse):
-    return reference.prefix_attention_backward(
-        grad_out, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask, causal, softmax_scale
-    )
+    return backward
 
 
 register("prefix_attention", "reference", reference.prefix_attention)
-register("prefix_attention_backward", "reference", _reference_backward)
+register("prefix_attention_backward", "reference", without_out_lse(reference.prefix_attention_backward))
 
 _NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _native_supports(q, k, v, prefix_k, prefix_v, *rest) -> Optional[str]:
-    # The C++ kernels (csrc/cpu/prefix_attention.cpp, prefix_flash.cpp) exist for these dtypes only.
+def native_supports(q, *rest) -> Optional[str]:
+    """Why the cpp kernels of the prefix attention ops cannot take ``q`` (None when they can).
+
+    Shapes: q of any attention op (the other arguments are ignored).
+    Semantics: csrc/cpu/prefix_attention.cpp, prefix_flash.cpp and prefix_flash_varlen.cpp exist for
+    CPU tensors of float32/float64/float16/bfloat16 only.
+    """
     if q.device.type != "cpu":
         return f"the cpp kernel takes CPU tensors, got {q.device}"
     if q.dtype not in _NATIVE_DTYPES:
@@ -87,8 +103,21 @@ def _native_supports(q, k, v, prefix_k, prefix_v, *rest) -> Optional[str]:
     return None
 
 
-def _native_backward_supports(grad_out, q, *rest) -> Optional[str]:
-    return _native_supports(q, *rest)
+def native_backward_supports(grad_out, q, *rest) -> Optional[str]:
+    """:func:`native_supports` for a backward op's arguments (grad_out, q, ...).
+
+    Shapes: as the backward op's. Semantics: the answer for ``q``.
+    """
+    return native_supports(q)
+
+
+def fake_contiguous_grads(grad_out, q, k, v, prefix_k, prefix_v, *rest):
+    """Fake (shape-only) result of an attention backward kernel.
+
+    Shapes: contiguous tensors like q, k, v, prefix_k, prefix_v.
+    Semantics: empty tensors of their dtypes and devices, for tracing.
+    """
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v))
 
 
 # The cpp backend has two kernels: the cascade over ATen's flash attention (prefix_attention.cpp)
@@ -121,20 +150,18 @@ def _cpp_backward(grad_out, q, k, *rest):
     return torch.ops.peft_kernels.prefix_attention_bwd(grad_out, q, k, *rest)
 
 
-register_native("prefix_attention", "prefix_attention_fwd", supports=_native_supports)
-register_native("prefix_attention_backward", "prefix_attention_bwd", supports=_native_backward_supports)
+register_native("prefix_attention", "prefix_attention_fwd", supports=native_supports)
+register_native("prefix_attention_backward", "prefix_attention_bwd", supports=native_backward_supports)
 if ("cpp" in kernels("prefix_attention") and "cpp" in kernels("prefix_attention_backward")
         and hasattr(torch.ops.peft_kernels, "prefix_flash_fwd") and hasattr(torch.ops.peft_kernels, "prefix_flash_bwd")):
-    register("prefix_attention", "cpp", _cpp_forward, supports=_native_supports)
-    register("prefix_attention_backward", "cpp", _cpp_backward, supports=_native_backward_supports)
+    register("prefix_attention", "cpp", _cpp_forward, supports=native_supports)
+    register("prefix_attention_backward", "cpp", _cpp_backward, supports=native_backward_supports)
 
     @torch.library.register_fake("peft_kernels::prefix_flash_fwd")
     def _(q, k, v, prefix_k, prefix_v, *rest):
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
-    @torch.library.register_fake("peft_kernels::prefix_flash_bwd")
-    def _(grad_out, q, k, v, prefix_k, prefix_v, *rest):
-        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, prefix_k, prefix_v))
+    torch.library.register_fake("peft_kernels::prefix_flash_bwd", fake_contiguous_grads)
 
 
 def prefix_attention(
@@ -175,28 +202,56 @@ def prefix_attention(
     return (out, lse) if return_lse else out
 
 
-def _check(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask) -> None:
-    C.tensor("q", q, 4, layout="[B, Hq, Lq, D]")
-    C.tensor("k", k, 4, layout="[B, Hkv, Lk, D]")
-    C.tensor("v", v, 4, layout="[B, Hkv, Lk, D]")
+def check_operands(q, k, v, prefix_k, prefix_v, dims: int, q_layout: str, kv_layout: str) -> None:
+    """Refuse operands that are not float tensors of the right rank (TypeError / ValueError naming them).
+
+    Shapes: q ``q_layout`` and k, v ``kv_layout``, all of rank ``dims``; prefix_k, prefix_v [T, Hkv, P, D].
+    Semantics: the per-tensor checks of the prefix attention ops, q first.
+    """
+    C.tensor("q", q, dims, layout=q_layout)
+    C.tensor("k", k, dims, layout=kv_layout)
+    C.tensor("v", v, dims, layout=kv_layout)
     C.tensor("prefix_k", prefix_k, 4, layout="[T, Hkv, P, D]")
     C.tensor("prefix_v", prefix_v, 4, layout="[T, Hkv, P, D]")
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+
+
+def check_heads_and_bank(q, k, v, prefix_k, prefix_v, Hq: int, Hkv: int, D: int, kv_ok: bool, kv_layout: str) -> None:
+    """Refuse k / v that fail ``kv_ok``, Hq not a multiple of Hkv, a bank unlike [T, Hkv, P, D] or mixed dtypes.
+
+    Shapes: q's Hq heads of size D; k's Hkv heads; prefix_k, prefix_v [T, Hkv, P, D].
+    Semantics: ValueError naming every operand's shape (``kv_layout`` for k, v), TypeError for dtypes.
+    """
     shapes = (f"q {C.shape_of(q)}, k {C.shape_of(k)}, v {C.shape_of(v)}, "
               f"prefix_k {C.shape_of(prefix_k)}, prefix_v {C.shape_of(prefix_v)}")
-    if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape:
-        raise ValueError(f"k and v must both be [B={B}, Hkv, Lk, D={D}]: {shapes}")
+    if not kv_ok:
+        raise ValueError(f"k and v must both be {kv_layout}: {shapes}")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads Hq={Hq} must be a multiple of key/value heads Hkv={Hkv}: {shapes}")
     if prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D or prefix_v.shape != prefix_k.shape:
         raise ValueError(f"prefix_k and prefix_v must both be [T, Hkv={Hkv}, P, D={D}]: {shapes}")
     C.same_dtype("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+
+
+def check_bank_args(prefix_index, prefix_lens, prefix_k, rows: int) -> None:
+    """Refuse a prefix_index or prefix_lens that does not fit the bank.
+
+    Shapes: prefix_index [rows] or None; prefix_lens [T] or None; prefix_k [T, Hkv, P, D].
+    Semantics: prefix_index in [-1, T) (None needs T == 1 or T == rows); prefix_lens in [0, P].
+    """
+    T, P = prefix_k.shape[0], prefix_k.shape[2]
+    C.bank_index("prefix_index", prefix_index, rows, T, f"prefix_k {C.shape_of(prefix_k)}", True)
+    C.lengths("prefix_lens", prefix_lens, T, P, f"prefix length P = {P}", True)
+
+
+def _check(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lens, key_padding_mask) -> None:
+    check_operands(q, k, v, prefix_k, prefix_v, 4, "[B, Hq, Lq, D]", "[B, Hkv, Lk, D]")
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    check_heads_and_bank(q, k, v, prefix_k, prefix_v, Hq, Hkv, D,
+                         k.shape[0] == B and k.shape[3] == D and v.shape == k.shape, f"[B={B}, Hkv, Lk, D={D}]")
     C.same_device("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, prefix_index=prefix_index,
                   prefix_lens=prefix_lens, key_padding_mask=key_padding_mask)
-    T, P = prefix_k.shape[0], prefix_k.shape[2]
-    C.bank_index("prefix_index", prefix_index, B, T, f"prefix_k {C.shape_of(prefix_k)}", True)
-    C.lengths("prefix_lens", prefix_lens, T, P, f"prefix length P = {P}", True)
+    check_bank_args(prefix_index, prefix_lens, prefix_k, B)
     if key_padding_mask is not None:
         C.tensor("key_padding_mask", key_padding_mask, 2, (torch.bool,), f"[B={B}, Lk={Lk}]")
         if tuple(key_padding_mask.shape) != (B, Lk):

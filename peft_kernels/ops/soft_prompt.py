@@ -138,13 +138,14 @@ def _(attention_mask, prompt_len, num_prompts, prompt_index, prompt_lens, insert
 # at forward time.
 
 
-def _plain_eager(tensors) -> bool:
+def _plain_eager(args) -> bool:
+    """True outside tracing, modes and functorch transforms when no tensor in ``args`` is a subclass."""
     return not (
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._are_functorch_transforms_active()
-        or any(t is not None and type(t) is not Tensor for t in tensors)
+        or any(isinstance(t, Tensor) and type(t) is not Tensor for t in args)
     )
 
 
@@ -158,42 +159,36 @@ def _direct(op: str, forced: Optional[str]):
     return run
 
 
-class _EmbedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input_ids, weight, prompts, prompt_index, prompt_lens, insert_at):
-        args = (input_ids, weight, prompts, prompt_index, prompt_lens, insert_at)
-        out = select("soft_prompt_embed", weight.device, *args)[1](*args)
-        _embed_setup(ctx, args, out)
-        ctx.forced = forced_backend()
-        return out
+def _eager_autograd(op: str, custom_op, setup, backward, device_arg: int):
+    """The autograd entry point of ``op`` (called with the registered op's arguments).
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return _embed_backward(ctx, grad, _direct("soft_prompt_embed_backward", ctx.forced))
+    Semantics: in plain eager mode a ``torch.autograd.Function`` runs the selected kernel of ``op``
+    (on the device of argument ``device_arg``), ``setup(ctx, args, out)`` as the registered op's
+    setup_context, and ``backward(ctx, grad, kernel)`` with ``op + "_backward"``'s kernel under the
+    backend forced at forward time; otherwise the registered ``custom_op`` runs.
+    """
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = select(op, args[device_arg].device, *args)[1](*args)
+            setup(ctx, args, out)
+            ctx.forced = forced_backend()
+            return out
 
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            return backward(ctx, grad, _direct(f"{op}_backward", ctx.forced))
 
-class _ConcatFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, embeds, prompts, prompt_index, prompt_lens, insert_at, replace):
-        args = (embeds, prompts, prompt_index, prompt_lens, insert_at, replace)
-        out = select("soft_prompt_concat", embeds.device, *args)[1](*args)
-        _concat_setup(ctx, args, out)
-        ctx.forced = forced_backend()
-        return out
+    Function.__name__ = Function.__qualname__ = f"{op}_function"
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return _concat_backward(ctx, grad, _direct("soft_prompt_concat_backward", ctx.forced))
+    def run(*args):
+        return Function.apply(*args) if _plain_eager(args) else custom_op(*args)
+    return run
 
 
-def _embed_autograd(*args):
-    return _EmbedFunction.apply(*args) if _plain_eager(args[:5]) else _embed_op(*args)
-
-
-def _concat_autograd(*args):
-    return _ConcatFunction.apply(*args) if _plain_eager(args[:4]) else _concat_op(*args)
+_embed_autograd = _eager_autograd("soft_prompt_embed", _embed_op, _embed_setup, _embed_backward, 1)
+_concat_autograd = _eager_autograd("soft_prompt_concat", _concat_op, _concat_setup, _concat_backward, 0)
 
 
 for _op in ("soft_prompt_embed", "soft_prompt_embed_backward", "soft_prompt_concat", "soft_prompt_concat_backward"):
@@ -219,6 +214,17 @@ def _check_bank(prompts, rows, prompt_index, prompt_lens, insert_at, seq_len, re
 
 def _check_devices(ref_name, ref, prompts, prompt_index, prompt_lens):
     C.same_device(ref_name, ref, prompts=prompts, prompt_index=prompt_index, prompt_lens=prompt_lens)
+
+
+def _check_token_ids(input_ids: Tensor, weight: Tensor) -> None:
+    """Every id in [0, V) for weight [V, H] (a host read, skipped where host checks are off)."""
+    if C.host_checks_enabled(True) and input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(
+                f"input_ids holds token ids in [{lo}, {hi}] but the vocabulary has {weight.shape[0]} "
+                f"rows (weight {C.shape_of(weight)}, input_ids {C.shape_of(input_ids)})"
+            )
 
 
 # --------------------------------------------------------------------------- public API
@@ -257,13 +263,7 @@ def soft_prompt_embed(
         C.same_dtype("weight", weight, prompts=prompts)
         _check_devices("weight", weight, prompts, prompt_index, prompt_lens)
         C.same_device("weight", weight, input_ids=input_ids)
-        if C.host_checks_enabled(True) and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= weight.shape[0]:
-                raise ValueError(
-                    f"input_ids holds token ids in [{lo}, {hi}] but the vocabulary has {weight.shape[0]} "
-                    f"rows (weight {C.shape_of(weight)}, input_ids {C.shape_of(input_ids)})"
-                )
+        _check_token_ids(input_ids, weight)
     args = (input_ids, weight, prompts, prompt_index, prompt_lens, insert_at)
     return call("soft_prompt_embed", _embed_autograd, args, weight.device, (weight, prompts))
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-KERNEL_MODULES: tuple[str, ...] = ("soft_prompt", "prefix_attention", "multi_lora", "label_words")
+KERNEL_MODULES: tuple[str, ...] = ("soft_prompt", "soft_prompt_varlen", "prefix_attention", "prefix_attention_varlen",
+                                   "multi_lora", "label_words")
 LOAD_ERRORS: dict[str, str] = {}
 
 try:

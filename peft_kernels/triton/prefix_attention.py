@@ -136,7 +136,10 @@ def _same_as_any(cfg, configs) -> bool:
                for c in configs)
 
 
-def _pruner(kernel: str):
+def _pruner(kernel: str, op: str = "prefix_attention"):
+    """The arch-aware pruner of ``kernel``'s configs; ``op`` names the kernel file in the spill list
+    (the packed-sequence kernels reuse these tiles under their own name)."""
+
     def prune(configs, named, arch: int, screen_spills: bool = True) -> list:
         """Drop tiles much taller than the packed query axis (decode), tiles over the arch's shared
         memory and (``screen_spills``) configs the compile check saw spill, keeping at least one
@@ -153,7 +156,7 @@ def _pruner(kernel: str):
                 if c.kwargs["BLOCK_M"] <= max(16, bucket) and smem_estimate(kernel, c, esize, d_pad) <= limit]
         kept = kept or list(configs[-1:])
         if screen_spills:
-            kept = drop_spilling(f"prefix_attention.{kernel}", kept, named["Q"].dtype, d_pad, arch)
+            kept = drop_spilling(f"{op}.{kernel}", kept, named["Q"].dtype, d_pad, arch)
         return kept
 
     return prune
@@ -223,6 +226,29 @@ def _load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr
     return x
 
 
+@triton.jit
+def _query_rows(m_blk, h64, M_TOTAL, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(offs_r, row_ok, qi, qh) of packed query block ``m_blk``: row r is query r // G of head h * G + r % G."""
+    offs_r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_r, offs_r < M_TOTAL, offs_r // GROUP, h64 * GROUP + offs_r % GROUP
+
+
+@triton.jit
+def _key_bounds(m_blk, Lq, Lk, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_end, seq_end): every row of packed query block ``m_blk`` sees keys [0, full_end), some
+    row sees [full_end, seq_end), none sees a key past seq_end (bottom-right causal)."""
+    if CAUSAL:
+        shift = Lk - Lq
+        i_lo = (m_blk * BLOCK_M) // GROUP
+        i_hi = tl.minimum((m_blk * BLOCK_M + BLOCK_M - 1) // GROUP, Lq - 1)
+        seq_end = tl.minimum(tl.maximum(i_hi + shift + 1, 0), Lk)
+        full_end = tl.minimum(tl.maximum(i_lo + shift + 1, 0), seq_end)
+    else:
+        seq_end = Lk
+        full_end = Lk
+    return full_end, seq_end
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -260,6 +286,90 @@ def _fwd_inner(
     return acc, m_i, l_i
 
 
+@triton.jit
+def _fwd_tile(
+    q, row_limit, full_end, seq_end, PK, PV, stride_pkp, stride_pkd, stride_pvp, stride_pvd, p_lo, p_hi,
+    K, V, KPM, row, h64, stride_krow, stride_kh, stride_vrow, stride_vh, stride_mrow,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_ml, k_lo, k_hi, P, qk_scale, offs_n, offs_d, d_ok,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    SPLIT: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+):
+    """(out, lse) of one packed query tile over its two key sources: the prefix slots [p_lo, p_hi)
+    at PK / PV, then the keys of ``row`` (a batch row or, packed, the first key token) at
+    K / V / KPM + row * stride_*row (+ KV head h64). ``row_limit[m]`` is the last key row m sees,
+    ``full_end`` / ``seq_end`` bound the keys every / some row of the tile sees (``_key_bounds``).
+    SPLIT takes only the share [k_lo, k_hi) of the virtual key axis; else the key blocks every row
+    sees in full run unmasked, then the diagonal band and the ragged end masked. Rows that see no
+    key get 0 and lse -inf."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, PK, PV, stride_pkp, stride_pkd, stride_pvp, stride_pvd, KPM, stride_ml,
+        p_lo, p_hi, row_limit, qk_scale, offs_n, offs_d, d_ok,
+        BLOCK_N, True, False, False, EVEN_D, PREC,
+    )
+    K = K + row * stride_krow + h64 * stride_kh
+    V = V + row * stride_vrow + h64 * stride_vh
+    KPM = KPM + row * stride_mrow
+    if SPLIT:
+        s_lo = tl.minimum(tl.maximum(k_lo - P, 0), seq_end)
+        s_hi = tl.minimum(tl.maximum(k_hi - P, 0), seq_end)
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_ml,
+            s_lo, s_hi, row_limit, qk_scale, offs_n, offs_d, d_ok,
+            BLOCK_N, True, CAUSAL, HAS_KPM, EVEN_D, PREC,
+        )
+    else:
+        full_aligned = (full_end // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_ml,
+            0, full_aligned, row_limit, qk_scale, offs_n, offs_d, d_ok,
+            BLOCK_N, False, False, HAS_KPM, EVEN_D, PREC,
+        )
+        acc, m_i, l_i = _fwd_inner(
+            acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_ml,
+            full_aligned, seq_end, row_limit, qk_scale, offs_n, offs_d, d_ok,
+            BLOCK_N, True, CAUSAL, HAS_KPM, EVEN_D, PREC,
+        )
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def _store_partials(OP, LP, base, out, lse, offs_r, row_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr):
+    """One split's fp32 partials: OP[base + r, :] = out, LP[base + r] = lse."""
+    tl.store(OP + (base + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LP + base + offs_r, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits(OP, LP, first, n_splits, M_STRIDE, offs_r, row_ok, offs_d, mask,
+                  BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """(out, lse) of rows ``offs_r`` merged over the split-K partials ``first .. first + n_splits``
+    (partial i at rows (first + i) * M_STRIDE of OP / LP): out = sum_i exp(lse_i - lse) out_i."""
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, D_PAD], tl.float32)
+    for i in range(0, n_splits):
+        base = (first + i) * M_STRIDE
+        ls = tl.load(LP + base + offs_r, mask=row_ok, other=float("-inf"))
+        o = tl.load(OP + (base + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m, ls)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(ls - m_safe)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l = l * alpha + w
+        m = m_new
+    seen = l > 0.0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    return out, lse
+
+
 @triton.jit(do_not_specialize=["Lq", "Lk", "P", "M_TOTAL", "split_len"])  # lengths vary per batch: no recompiles
 def _fwd_kernel(
     Q, K, V, PK, PV, IDX, LENS, KPM, O, LSE, OP, LP,
@@ -288,78 +398,33 @@ def _fwd_kernel(
     h64 = hkv.to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
 
-    offs_r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_r < M_TOTAL
-    qi = offs_r // GROUP
-    qh = h64 * GROUP + offs_r % GROUP
+    offs_r, row_ok, qi, qh = _query_rows(m_blk, h64, M_TOTAL, GROUP, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     q = _load_tile(Q + b64 * stride_qb + qh[:, None] * stride_qh + qi[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                    row_ok, d_ok, True, EVEN_D)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    row_limit = qi + (Lk - Lq)  # bottom-right causal: query i sees key j <= i + Lk - Lq
+    full_end, seq_end = _key_bounds(m_blk, Lq, Lk, GROUP, BLOCK_M, CAUSAL)
 
-    shift = Lk - Lq  # bottom-right causal: query i sees key j <= i + shift
-    row_limit = qi + shift
-    i_lo = (m_blk * BLOCK_M) // GROUP
-    i_hi = tl.minimum((m_blk * BLOCK_M + BLOCK_M - 1) // GROUP, Lq - 1)
-    if CAUSAL:
-        seq_end = tl.minimum(tl.maximum(i_hi + shift + 1, 0), Lk)
-        full_end = tl.minimum(tl.maximum(i_lo + shift + 1, 0), seq_end)
-    else:
-        seq_end = Lk
-        full_end = Lk
-
-    # this program's share of the virtual key axis [prefix slots 0..P) ++ [sequence keys 0..Lk)
+    # this program's share of the virtual key axis [prefix slots 0..P) ++ [sequence keys 0..Lk):
+    # the row's prefix read from the bank, then its own keys
     k_lo = pid_s * split_len
     k_hi = k_lo + split_len
-
-    # 1) the row's prefix, read from the bank
     t, plen = _row_prefix(IDX, LENS, b, P, IDX_MODE, HAS_LENS)
     t64 = t.to(tl.int64)
-    acc, m_i, l_i = _fwd_inner(
-        acc, m_i, l_i, q, PK + t64 * stride_pkt + h64 * stride_pkh, PV + t64 * stride_pvt + h64 * stride_pvh,
-        stride_pkp, stride_pkd, stride_pvp, stride_pvd, KPM, stride_ml,
-        tl.minimum(k_lo, plen), tl.minimum(k_hi, plen), row_limit, qk_scale, offs_n, offs_d, d_ok,
-        BLOCK_N, True, False, False, EVEN_D, PREC,
+    out, lse = _fwd_tile(
+        q, row_limit, full_end, seq_end, PK + t64 * stride_pkt + h64 * stride_pkh,
+        PV + t64 * stride_pvt + h64 * stride_pvh, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+        tl.minimum(k_lo, plen), tl.minimum(k_hi, plen),
+        K, V, KPM, b64, h64, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb,
+        stride_kl, stride_kd, stride_vl, stride_vd, stride_ml, k_lo, k_hi, P, qk_scale, offs_n, offs_d, d_ok,
+        BLOCK_M, BLOCK_N, D_PAD, SPLIT, CAUSAL, HAS_KPM, EVEN_D, PREC,
     )
-
-    # 2) the row's own keys
-    K_b = K + b64 * stride_kb + h64 * stride_kh
-    V_b = V + b64 * stride_vb + h64 * stride_vh
-    KPM_b = KPM + b64 * stride_mb
-    if SPLIT:
-        s_lo = tl.minimum(tl.maximum(k_lo - P, 0), seq_end)
-        s_hi = tl.minimum(tl.maximum(k_hi - P, 0), seq_end)
-        acc, m_i, l_i = _fwd_inner(
-            acc, m_i, l_i, q, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
-            s_lo, s_hi, row_limit, qk_scale, offs_n, offs_d, d_ok,
-            BLOCK_N, True, CAUSAL, HAS_KPM, EVEN_D, PREC,
-        )
-    else:
-        full_aligned = (full_end // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _fwd_inner(  # blocks every row of the tile sees in full
-            acc, m_i, l_i, q, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
-            0, full_aligned, row_limit, qk_scale, offs_n, offs_d, d_ok,
-            BLOCK_N, False, False, HAS_KPM, EVEN_D, PREC,
-        )
-        acc, m_i, l_i = _fwd_inner(  # the diagonal band and the ragged end
-            acc, m_i, l_i, q, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
-            full_aligned, seq_end, row_limit, qk_scale, offs_n, offs_d, d_ok,
-            BLOCK_N, True, CAUSAL, HAS_KPM, EVEN_D, PREC,
-        )
-
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     if SPLIT:
         base = (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * M_TOTAL
-        tl.store(OP + (base + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], out,
-                 mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LP + base + offs_r, lse, mask=row_ok)
+        _store_partials(OP, LP, base, out, lse, offs_r, row_ok, offs_d, d_ok, HEAD_DIM)
     else:
         tl.store(O + b64 * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_ol + offs_d[None, :] * stride_od,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -383,23 +448,8 @@ def _combine_kernel(
     row_ok = offs_r < M_TOTAL
     offs_d = tl.arange(0, D_PAD)
     mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, D_PAD], tl.float32)
-    for s in range(0, NUM_SPLITS):
-        base = (pid_bh.to(tl.int64) * NUM_SPLITS + s) * M_TOTAL
-        ls = tl.load(LP + base + offs_r, mask=row_ok, other=float("-inf"))
-        o = tl.load(OP + (base + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-        m_new = tl.maximum(m, ls)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        w = tl.exp(ls - m_safe)
-        acc = acc * alpha[:, None] + o * w[:, None]
-        l = l * alpha + w
-        m = m_new
-    seen = l > 0.0
-    out = acc / tl.where(seen, l, 1.0)[:, None]
-    lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    out, lse = _merge_splits(OP, LP, pid_bh.to(tl.int64) * NUM_SPLITS, NUM_SPLITS, M_TOTAL, offs_r, row_ok, offs_d,
+                             mask, BLOCK_R, HEAD_DIM, D_PAD)
     qi = offs_r // GROUP
     qh = h64 * GROUP + offs_r % GROUP
     tl.store(O + b64 * stride_ob + qh[:, None] * stride_oh + qi[:, None] * stride_ol + offs_d[None, :] * stride_od,
@@ -471,6 +521,68 @@ def _bwd_kv_inner(
     return dk, dv
 
 
+@triton.jit
+def _bwd_kv_prefix_block(
+    dk, dv, DPK, DPV, PK, PV, stride_pkp, stride_pkd, stride_pvp, stride_pvd, plen, rh64, P, blk,
+    Q, DO, LSE, DELTA, stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
+    h64, Lq, M_TOTAL, qk_scale, sm_scale, shift, offs_n, offs_m, offs_d, d_ok,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, PREC: tl.constexpr,
+):
+    """Prefix key block ``blk`` of one (row, KV head) ``rh64``: PK / PV point at its bank entry's
+    head, ``plen`` slots are real; writes its fp32 grads to DPK / DPV [rows * Hkv, P, D] (zeros
+    past plen) and does no work past the row's prefix."""
+    cols = blk * BLOCK_N + offs_n
+    col_ok = cols < plen
+    k = _load_tile(PK + cols[:, None] * stride_pkp + offs_d[None, :] * stride_pkd, col_ok, d_ok, True, EVEN_D)
+    v = _load_tile(PV + cols[:, None] * stride_pvp + offs_d[None, :] * stride_pvd, col_ok, d_ok, True, EVEN_D)
+    hi = tl.where(blk * BLOCK_N < plen, M_TOTAL, 0)
+    dk, dv = _bwd_kv_inner(
+        dk, dv, k, v, col_ok, cols, Q, DO, LSE, DELTA,
+        stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
+        h64, Lq, M_TOTAL, qk_scale, 0, hi, shift, offs_m, offs_d, d_ok,
+        GROUP, BLOCK_M, False, EVEN_D, PREC,
+    )
+    base = (rh64 * P + cols) * HEAD_DIM
+    mask = (cols < P)[:, None] & d_ok[None, :]
+    tl.store(DPK + base[:, None] + offs_d[None, :], dk * sm_scale, mask=mask)
+    tl.store(DPV + base[:, None] + offs_d[None, :], dv, mask=mask)
+
+
+@triton.jit
+def _bwd_kv_seq_rows(
+    dk, dv, k, v, col_ok, cols, Q, DO, LSE, DELTA,
+    stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
+    h64, Lq, M_TOTAL, qk_scale, n0, shift, offs_m, offs_d, d_ok,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr, PREC: tl.constexpr,
+):
+    """dk, dv of the sequence key block starting at key ``n0`` over every packed query row that
+    sees it: causal rows before r_lo see none of it and are skipped, rows [r_lo, r_full) run
+    masked, rows from r_full on see all of it and run unmasked."""
+    if CAUSAL:
+        r_lo = (tl.maximum(n0 - shift, 0) * GROUP // BLOCK_M) * BLOCK_M
+        r_lo = tl.minimum(r_lo, M_TOTAL)
+        r_full = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - shift, 0) * GROUP, M_TOTAL)
+        r_full = tl.maximum(tl.cdiv(r_full, BLOCK_M) * BLOCK_M, r_lo)
+        dk, dv = _bwd_kv_inner(
+            dk, dv, k, v, col_ok, cols, Q, DO, LSE, DELTA,
+            stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
+            h64, Lq, M_TOTAL, qk_scale, r_lo, r_full, shift, offs_m, offs_d, d_ok,
+            GROUP, BLOCK_M, True, EVEN_D, PREC,
+        )
+        r_start = r_full
+    else:
+        r_start = 0
+    dk, dv = _bwd_kv_inner(
+        dk, dv, k, v, col_ok, cols, Q, DO, LSE, DELTA,
+        stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
+        h64, Lq, M_TOTAL, qk_scale, r_start, M_TOTAL, shift, offs_m, offs_d, d_ok,
+        GROUP, BLOCK_M, False, EVEN_D, PREC,
+    )
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["Lq", "Lk", "P", "M_TOTAL"])  # lengths vary per batch: no recompiles
 def _bwd_kv_kernel(
     Q, K, V, PK, PV, IDX, LENS, KPM, DO, LSE, DELTA, DK, DV, DPK, DPV,
@@ -514,23 +626,13 @@ def _bwd_kv_kernel(
     if pid_n < n_prefix_blocks:
         t, plen = _row_prefix(IDX, LENS, b, P, IDX_MODE, HAS_LENS)
         t64 = t.to(tl.int64)
-        cols = pid_n * BLOCK_N + offs_n
-        col_ok = cols < plen
-        k = _load_tile(PK + t64 * stride_pkt + h64 * stride_pkh + cols[:, None] * stride_pkp
-                       + offs_d[None, :] * stride_pkd, col_ok, d_ok, True, EVEN_D)
-        v = _load_tile(PV + t64 * stride_pvt + h64 * stride_pvh + cols[:, None] * stride_pvp
-                       + offs_d[None, :] * stride_pvd, col_ok, d_ok, True, EVEN_D)
-        hi = tl.where(pid_n * BLOCK_N < plen, M_TOTAL, 0)  # nothing to do past the row's prefix
-        dk, dv = _bwd_kv_inner(
-            dk, dv, k, v, col_ok, cols, Q_b, DO_b, LSE_b, DELTA_b,
-            stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
-            h64, Lq, M_TOTAL, qk_scale, 0, hi, shift, offs_m, offs_d, d_ok,
-            GROUP, BLOCK_M, False, EVEN_D, PREC,
+        _bwd_kv_prefix_block(
+            dk, dv, DPK, DPV, PK + t64 * stride_pkt + h64 * stride_pkh, PV + t64 * stride_pvt + h64 * stride_pvh,
+            stride_pkp, stride_pkd, stride_pvp, stride_pvd, plen, pid_bh.to(tl.int64), P, pid_n,
+            Q_b, DO_b, LSE_b, DELTA_b, stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd,
+            stride_lh, stride_ll, h64, Lq, M_TOTAL, qk_scale, sm_scale, shift, offs_n, offs_m, offs_d, d_ok,
+            HEAD_DIM, GROUP, BLOCK_M, BLOCK_N, EVEN_D, PREC,
         )
-        base = (pid_bh.to(tl.int64) * P + cols) * HEAD_DIM
-        mask = (cols < P)[:, None] & d_ok[None, :]
-        tl.store(DPK + base[:, None] + offs_d[None, :], dk * sm_scale, mask=mask)
-        tl.store(DPV + base[:, None] + offs_d[None, :], dv, mask=mask)
     else:
         n0 = (pid_n - n_prefix_blocks) * BLOCK_N
         cols = n0 + offs_n
@@ -542,26 +644,11 @@ def _bwd_kv_kernel(
                        cols < Lk, d_ok, True, EVEN_D)
         v = _load_tile(V + b64 * stride_vb + h64 * stride_vh + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                        cols < Lk, d_ok, True, EVEN_D)
-        if CAUSAL:
-            # rows before r_lo see no key of this block; rows from r_full on see all of it
-            r_lo = (tl.maximum(n0 - shift, 0) * GROUP // BLOCK_M) * BLOCK_M
-            r_lo = tl.minimum(r_lo, M_TOTAL)
-            r_full = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - shift, 0) * GROUP, M_TOTAL)
-            r_full = tl.maximum(tl.cdiv(r_full, BLOCK_M) * BLOCK_M, r_lo)
-            dk, dv = _bwd_kv_inner(
-                dk, dv, k, v, col_ok, cols, Q_b, DO_b, LSE_b, DELTA_b,
-                stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
-                h64, Lq, M_TOTAL, qk_scale, r_lo, r_full, shift, offs_m, offs_d, d_ok,
-                GROUP, BLOCK_M, True, EVEN_D, PREC,
-            )
-            r_start = r_full
-        else:
-            r_start = 0
-        dk, dv = _bwd_kv_inner(
+        dk, dv = _bwd_kv_seq_rows(
             dk, dv, k, v, col_ok, cols, Q_b, DO_b, LSE_b, DELTA_b,
             stride_qh, stride_ql, stride_qd, stride_gh, stride_gl, stride_gd, stride_lh, stride_ll,
-            h64, Lq, M_TOTAL, qk_scale, r_start, M_TOTAL, shift, offs_m, offs_d, d_ok,
-            GROUP, BLOCK_M, False, EVEN_D, PREC,
+            h64, Lq, M_TOTAL, qk_scale, n0, shift, offs_m, offs_d, d_ok,
+            GROUP, BLOCK_M, BLOCK_N, CAUSAL, EVEN_D, PREC,
         )
         mask = (cols < Lk)[:, None] & d_ok[None, :]
         tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
@@ -600,6 +687,38 @@ def _bwd_q_inner(
     return dq
 
 
+@triton.jit
+def _bwd_q_keys(
+    dq, q, do, lse, delta, PK, PV, stride_pkp, stride_pkd, stride_pvp, stride_pvd, plen,
+    K, V, KPM, row, h64, stride_krow, stride_kh, stride_vrow, stride_vh, stride_mrow,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_ml, full_end, seq_end, row_limit, qk_scale, offs_n, offs_d, d_ok,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq (unscaled, fp32) of one packed query tile over both key sources: the ``plen`` prefix
+    slots at PK / PV, then the keys of ``row`` at K / V / KPM + row * stride_*row (+ KV head h64):
+    the blocks every row sees in full unmasked, then the diagonal band and the ragged end masked."""
+    dq = _bwd_q_inner(
+        dq, q, do, lse, delta, PK, PV, stride_pkp, stride_pkd, stride_pvp, stride_pvd, KPM, stride_ml,
+        0, plen, row_limit, qk_scale, offs_n, offs_d, d_ok,
+        BLOCK_N, True, False, False, EVEN_D, PREC,
+    )
+    K = K + row * stride_krow + h64 * stride_kh
+    V = V + row * stride_vrow + h64 * stride_vh
+    KPM = KPM + row * stride_mrow
+    full_aligned = (full_end // BLOCK_N) * BLOCK_N
+    dq = _bwd_q_inner(
+        dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_ml,
+        0, full_aligned, row_limit, qk_scale, offs_n, offs_d, d_ok,
+        BLOCK_N, False, False, HAS_KPM, EVEN_D, PREC,
+    )
+    dq = _bwd_q_inner(
+        dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_ml,
+        full_aligned, seq_end, row_limit, qk_scale, offs_n, offs_d, d_ok,
+        BLOCK_N, True, CAUSAL, HAS_KPM, EVEN_D, PREC,
+    )
+    return dq
+
+
 @triton.jit(do_not_specialize=["Lq", "Lk", "P", "M_TOTAL"])  # lengths vary per batch: no recompiles
 def _bwd_q_kernel(
     Q, K, V, PK, PV, IDX, LENS, KPM, DO, LSE, DELTA, DQ,
@@ -627,10 +746,7 @@ def _bwd_q_kernel(
     h64 = hkv.to(tl.int64)
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
 
-    offs_r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_r < M_TOTAL
-    qi = offs_r // GROUP
-    qh = h64 * GROUP + offs_r % GROUP
+    offs_r, row_ok, qi, qh = _query_rows(m_blk, h64, M_TOTAL, GROUP, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
@@ -642,39 +758,17 @@ def _bwd_q_kernel(
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     delta = tl.load(DELTA + (b64 * (Hkv * GROUP) + qh) * Lq + qi, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-
-    shift = Lk - Lq
-    row_limit = qi + shift
-    i_lo = (m_blk * BLOCK_M) // GROUP
-    i_hi = tl.minimum((m_blk * BLOCK_M + BLOCK_M - 1) // GROUP, Lq - 1)
-    if CAUSAL:
-        seq_end = tl.minimum(tl.maximum(i_hi + shift + 1, 0), Lk)
-        full_end = tl.minimum(tl.maximum(i_lo + shift + 1, 0), seq_end)
-    else:
-        seq_end = Lk
-        full_end = Lk
+    row_limit = qi + (Lk - Lq)
+    full_end, seq_end = _key_bounds(m_blk, Lq, Lk, GROUP, BLOCK_M, CAUSAL)
 
     t, plen = _row_prefix(IDX, LENS, b, P, IDX_MODE, HAS_LENS)
     t64 = t.to(tl.int64)
-    dq = _bwd_q_inner(
+    dq = _bwd_q_keys(
         dq, q, do, lse, delta, PK + t64 * stride_pkt + h64 * stride_pkh, PV + t64 * stride_pvt + h64 * stride_pvh,
-        stride_pkp, stride_pkd, stride_pvp, stride_pvd, KPM, stride_ml,
-        0, plen, row_limit, qk_scale, offs_n, offs_d, d_ok,
-        BLOCK_N, True, False, False, EVEN_D, PREC,
-    )
-    K_b = K + b64 * stride_kb + h64 * stride_kh
-    V_b = V + b64 * stride_vb + h64 * stride_vh
-    KPM_b = KPM + b64 * stride_mb
-    full_aligned = (full_end // BLOCK_N) * BLOCK_N
-    dq = _bwd_q_inner(
-        dq, q, do, lse, delta, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
-        0, full_aligned, row_limit, qk_scale, offs_n, offs_d, d_ok,
-        BLOCK_N, False, False, HAS_KPM, EVEN_D, PREC,
-    )
-    dq = _bwd_q_inner(
-        dq, q, do, lse, delta, K_b, V_b, stride_kl, stride_kd, stride_vl, stride_vd, KPM_b, stride_ml,
-        full_aligned, seq_end, row_limit, qk_scale, offs_n, offs_d, d_ok,
-        BLOCK_N, True, CAUSAL, HAS_KPM, EVEN_D, PREC,
+        stride_pkp, stride_pkd, stride_pvp, stride_pvd, plen,
+        K, V, KPM, b64, h64, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb,
+        stride_kl, stride_kd, stride_vl, stride_vd, stride_ml, full_end, seq_end, row_limit, qk_scale, offs_n, offs_d,
+        d_ok, BLOCK_N, CAUSAL, HAS_KPM, EVEN_D, PREC,
     )
     tl.store(DQ + b64 * stride_dqb + qh[:, None] * stride_dqh + qi[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

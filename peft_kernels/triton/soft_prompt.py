@@ -47,6 +47,35 @@ __all__ = [
 
 
 @triton.jit
+def _segment_range(starts_ptr, lens_ptr, seg, p, count, MODE: tl.constexpr, HAS_LENS: tl.constexpr):
+    """[start, end) of the keys summed into slot ``p`` of segment ``seg``: MODE_EXPLICIT
+    starts[seg]..starts[seg + 1]; MODE_SHARED 0..count (one segment); MODE_PER_ROW key seg alone.
+    HAS_LENS: empty for slots p >= lens[seg]."""
+    if MODE == MODE_EXPLICIT:
+        start = tl.load(starts_ptr + seg)
+        end = tl.load(starts_ptr + seg + 1)
+    elif MODE == MODE_SHARED:
+        start = seg * 0
+        end = start + count
+    else:
+        start = seg
+        end = seg + 1
+    if HAS_LENS:
+        end = tl.where(p < tl.load(lens_ptr + seg), end, start)
+    return start, end
+
+
+@triton.jit
+def _acc_zeros(BLOCK_H: tl.constexpr, ACC_FP64: tl.constexpr):
+    """A [BLOCK_H] accumulator of zeros: fp64 (for fp64 inputs) or fp32."""
+    if ACC_FP64:
+        acc = tl.zeros([BLOCK_H], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _fwd_kernel(
     out_ptr, src_ptr, ids_ptr, prompts_ptr, index_ptr, lens_ptr,
     S, H, P, insert_at,
@@ -140,21 +169,8 @@ def _dprompts_kernel(
     p = pid - t * P
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = cols < H
-    if MODE == MODE_EXPLICIT:
-        start = tl.load(starts_ptr + t)
-        end = tl.load(starts_ptr + t + 1)
-    elif MODE == MODE_SHARED:
-        start = t * 0
-        end = start + B
-    else:
-        start = t
-        end = t + 1
-    if HAS_LENS:
-        end = tl.where(p < tl.load(lens_ptr + t), end, start)
-    if ACC_FP64:
-        acc = tl.zeros([BLOCK_H], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    start, end = _segment_range(starts_ptr, lens_ptr, t, p, B, MODE, HAS_LENS)
+    acc = _acc_zeros(BLOCK_H, ACC_FP64)
     g_slot = g_ptr + (p + insert_at).to(tl.int64) * stride_gs + cols
     zero64 = t.to(tl.int64) * 0
     for i in range(start, end):
@@ -180,10 +196,7 @@ def _dweight_kernel(
     hmask = cols < H
     start = tl.load(starts_ptr + v)
     end = tl.load(starts_ptr + v + 1)
-    if ACC_FP64:
-        acc = tl.zeros([BLOCK_H], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_H, ACC_FP64)
     for i in range(start, end):
         pos = tl.load(order_ptr + i).to(tl.int64)  # flat token position b * L + j
         b = pos // L

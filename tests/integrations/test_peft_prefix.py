@@ -7,7 +7,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 import peft_kernels as pk  # noqa: E402
-from models import batch, greedy_by_forward, tiny_llama  # noqa: E402
+from models import assert_same_grads, batch, greedy_by_forward, tiny_llama  # noqa: E402
 
 
 def _pair(projection: bool, seed: int = 0):
@@ -34,11 +34,7 @@ def test_patched_prefix_logits_loss_and_grads_match_peft(projection):
     assert pk.last_backend("prefix_attention") is not None
     out_ref.loss.backward()
     out.loss.backward()
-    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    assert grads.keys() == ref_grads.keys() and grads
-    for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4)
+    assert_same_grads(ours, ref)
 
 
 def test_patched_prefix_generate_equals_greedy_decoding_by_peft_forward_and_cache_holds_real_tokens_only():

@@ -32,20 +32,31 @@ CASES = {
 }
 
 
-def _make(case, dtype, seed=0):
-    B, Hq, Hkv, Lq, Lk, D, T, P, index, lens, pad, causal = case
+def _randn(dtype, seed):
+    """randn(*shape) in ``dtype``, drawn in fp32 from a generator seeded with ``seed``."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype)
+    return randn
 
-    q, k, v = randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, D)
-    pk, pv = randn(T, Hkv, P, D), randn(T, Hkv, P, D)
+
+def _bank_args(index, lens):
+    """(prefix_index, prefix_lens) of a case: int64 tensors (int32 for an index written "int32:[...]") or None."""
     idx_dtype = torch.int64
     if isinstance(index, str):
         idx_dtype, index = torch.int32, eval(index.split(":", 1)[1])
     index_t = None if index is None else torch.tensor(index, dtype=idx_dtype)
     lens_t = None if lens is None else torch.tensor(lens, dtype=idx_dtype)
+    return index_t, lens_t
+
+
+def _make(case, dtype, seed=0):
+    B, Hq, Hkv, Lq, Lk, D, T, P, index, lens, pad, causal = case
+    randn = _randn(dtype, seed)
+    q, k, v = randn(B, Hq, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, D)
+    pk, pv = randn(T, Hkv, P, D), randn(T, Hkv, P, D)
+    index_t, lens_t = _bank_args(index, lens)
     mask = None
     if pad == "right":
         mask = torch.ones(B, Lk, dtype=torch.bool)
@@ -62,6 +73,24 @@ def _fwd_tol(dtype):
 
 def _grad_tol(dtype):
     return dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+
+
+def _assert_grads_close(grads, ref_grads, dtype, tag):
+    """dq, dk, dv, dprefix_k, dprefix_v against the reference's: same dtype and shape, close."""
+    for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        torch.testing.assert_close(got, want, **_grad_tol(dtype), msg=lambda m: f"{tag} {name}: {m}")
+
+
+def _assert_backward_deterministic(run_public, args, grad_out):
+    """Two backward runs through ``run_public`` give bitwise-equal grads; of a 3-entry bank only entry 2
+    is used: entries 0 and 1 get zero prefix grads, entry 2 nonzero ones."""
+    first = run_public(args, grad_out)[2]
+    second = run_public(args, grad_out)[2]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert torch.all(first[3][:2] == 0) and torch.all(first[4][:2] == 0)  # unused bank entries
+    assert first[3][2].abs().sum() > 0
 
 
 def _run_public(args, grad_out=None):
@@ -99,10 +128,7 @@ def test_forward_backward_matches_reference(triton_interpret, cid, dtype):
     torch.testing.assert_close(out, ref_out, **_fwd_tol(dtype))
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)  # -inf where nothing is seen
 
-    ref_grads = reference.prefix_attention_backward(grad_out, *args)
-    for name, got, want in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        torch.testing.assert_close(got, want, **_grad_tol(dtype), msg=lambda m: f"{cid} {name}: {m}")
+    _assert_grads_close(grads, reference.prefix_attention_backward(grad_out, *args), dtype, cid)
 
 
 _HEADS = {"gqa": (4, 2), "mqa": (4, 1), "mha": (2, 2)}
@@ -221,12 +247,7 @@ def test_backward_deterministic(triton_interpret):
     """Shared prefix used by every row and query head: two backward runs give bitwise-equal grads."""
     args = _make((2, 4, 2, 6, 7, 40, 3, 5, [2, 2], [1, 2, 5], "left", True), torch.float16)
     grad_out = torch.randn(2, 4, 6, 40).to(torch.float16)
-    first = _run_public(args, grad_out)[2]
-    second = _run_public(args, grad_out)[2]
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    assert torch.all(first[3][:2] == 0) and torch.all(first[4][:2] == 0)  # unused bank entries
-    assert first[3][2].abs().sum() > 0
+    _assert_backward_deterministic(_run_public, args, grad_out)
 
 
 def test_supports_reasons():

@@ -19,15 +19,20 @@ server would load them. Three kinds of rows:
     B x 1 tokens after a ``ctx``-token KV cache (each implementation's own cache, built once;
     cropped back to ``ctx`` after every step).
 
-``llama_mixed_kinds`` (``row="mixed"``): rows cycle over 4 LoRA adapters (the ranks above),
-    a prefix-tuning adapter, a prompt-tuning adapter, a P-tuning adapter and no adapter.
-    - ours: one ``MultiAdapterModel`` batch (``forward`` / ``generate`` with ``adapter_names``);
+``llama_mixed_kinds`` (``row="mixed"``): per 16 rows, 8 LoRA adapters (the ranks above), two
+    P-tuning v2 prefixes (P 16 and 24 on CPU), a prompt-tuning and a P-tuning adapter and 4 base rows.
+    Equal-length rows (L) and ragged ones (``lengths``: each row's length drawn in 16..256, left-padded).
+    - ours: one ``MultiAdapterModel`` batch (``forward`` / ``generate`` with ``adapter_names``), which
+      runs packed (real tokens and each row's own prompt slots only);
+    - ours_padded: the same with ``packed=False`` (the padded batch: every row carries the longest
+      prompt's slots and the padding);
     - peft: PEFT's best route for a batch it cannot mix: the LoRA and base rows in one
       ``adapter_names=`` call of the LoRA ``PeftModel`` (``"__base__"`` for base rows), then one
-      call per prompt-learning adapter on its own ``PeftModel``, one after another;
+      call per prompt-learning adapter on its own ``PeftModel``, one after another (padding inside
+      its calls; not compared numerically on ragged rows, whose positions it takes from the padding);
     - base_model: the whole batch on the model without adapters.
-    ``phase="prefill"``: forward over B x L; ``phase="generate"``: ``generate`` of ``new`` tokens
-    (greedy, exactly ``new``) after the L-token prompt.
+    ``phase="prefill"``: forward over B x L (tokens/s counts real tokens); ``phase="generate"``:
+    ``generate`` of ``new`` tokens (greedy, exactly ``new``) after the prompt.
 
 ``llama_prefix_generate`` (``row="prefix_cache"``): one prefix-tuning ``PeftModel``; ``generate``
     ``new`` tokens for B x L prompts: ours = ``peft_kernels.patch(peft_model)`` (the prefix is read
@@ -81,7 +86,8 @@ MODELS = {
                           num_attention_heads=8, num_key_value_heads=2),
 }
 RANKS = {"cuda": (8, 16, 32, 64), "cpu": (4, 6, 8, 10, 12, 14, 16, 16)}  # cycled over the adapters
-MIXED_LORA = 4  # LoRA adapters in a mixed-kind batch
+MIXED_LORA = 8  # LoRA adapters in a mixed-kind batch
+MIXED_BASE = 4  # base-model rows per 16 rows of a mixed-kind batch
 BASE_ROW = "__base__"  # PEFT's adapter_names entry for "no adapter"
 
 
@@ -89,23 +95,25 @@ def specs(quick: bool, device: torch.device) -> list[dict]:
     gpu = device.type == "cuda"
     if gpu:
         m, B, L, ctx, P = "llama8x1024", 32, 256, 256, 64
-        kinds = dict(prefix=64, prompt=32, ptuning=16)
-    else:  # the CPU criterion: 16 rows, decode 16 x 1 after 32 tokens, prefill 16 x 64
-        m, B, L, ctx, P = "llama4x256", 16, 64, 32, 16
-        kinds = dict(prefix=16, prompt=16, ptuning=8)
+        kinds = dict(prefix=(64, 32), prompt=32, ptuning=16)
+    else:  # the CPU criterion: 16 rows, decode 16 x 1 after 32 tokens, prefill 16 x 128
+        m, B, L, ctx, P = "llama4x256", 16, 128, 32, 16
+        kinds = dict(prefix=(16, 24), prompt=16, ptuning=8)
     new = 16
     gen_L = L if gpu else 16
+    ragged = (16, 256)
     out = [
         dict(mode="fwd", row="lora", phase="prefill", model=m, T=8, B=B, L=L),
         dict(mode="fwd", row="lora", phase="decode", model=m, T=8, B=B, L=1, ctx=ctx),
     ]
     if gpu or not quick:
-        BT = B if gpu else 32  # 32 adapters on CPU: 32 rows, so that every adapter has one
-        out += [dict(mode="fwd", row="lora", phase="prefill", model=m, T=32, B=BT, L=L),
-                dict(mode="fwd", row="lora", phase="decode", model=m, T=32, B=BT, L=1, ctx=ctx)]
+        out += [dict(mode="fwd", row="lora", phase="prefill", model=m, T=128, B=B, L=L),
+                dict(mode="fwd", row="lora", phase="decode", model=m, T=128, B=B, L=1, ctx=ctx)]
     out += [
         dict(mode="fwd", row="mixed", phase="prefill", model=m, B=B, L=L, **kinds),
+        dict(mode="fwd", row="mixed", phase="prefill", model=m, B=B, L=ragged[1], lengths=ragged, **kinds),
         dict(mode="fwd", row="mixed", phase="generate", model=m, B=B, L=gen_L, new=new, **kinds),
+        dict(mode="fwd", row="mixed", phase="generate", model=m, B=B, L=ragged[1], lengths=ragged, new=new, **kinds),
         dict(mode="fwd", row="prefix_cache", phase="generate", model=m, B=B if gpu else 4, L=gen_L if gpu else 32,
              P=P, new=new),
     ]
@@ -142,17 +150,30 @@ def label(s: dict) -> str:
         what = f"{s['B']}x1 ctx{s['ctx']}" if s["phase"] == "decode" else f"{s['B']}x{s['L']}"
         return f"{m} LoRA T{s['T']} r{min(rk)}-{max(rk)} {s['phase']} {what}"
     if s["row"] == "mixed":
-        what = f"{s['B']}x{s['L']} +{s['new']} new" if s["phase"] == "generate" else f"{s['B']}x{s['L']}"
-        return f"{m} LoRA x{MIXED_LORA}+prefix+prompt+ptuning+base {s['phase']} {what}"
+        L = f"L{s['lengths'][0]}-{s['lengths'][1]}" if s.get("lengths") else f"{s['L']}"
+        what = f"{s['B']}x{L} +{s['new']} new" if s["phase"] == "generate" else f"{s['B']}x{L}"
+        P = "/".join(str(p) for p in s["prefix"])
+        return (f"{m} LoRA x{MIXED_LORA}+prefix P{P}+prompt+ptuning+base "
+                f"{'ragged ' if s.get('lengths') else ''}{s['phase']} {what}")
     if s["row"] == "prefix_patch":
         return f"{m} patch(prefix P{s['P']}) {'train step' if s['mode'] == 'fwd+bwd' else 'forward'} {s['B']}x{s['L']}"
     return f"{m} prefix P{s['P']} generate {s['B']}x{s['L']} +{s['new']} new"
 
 
+def row_lengths(s: dict) -> Optional[list[int]]:
+    """Each row's real length in a ragged row (drawn in ``s["lengths"]``, the first row the longest), else None."""
+    if not s.get("lengths"):
+        return None
+    lo, hi = s["lengths"]
+    n = torch.randint(lo, hi + 1, (s["B"],), generator=torch.Generator().manual_seed(7))
+    n[0] = hi
+    return n.tolist()
+
+
 def tokens(s: dict) -> int:
-    """Tokens one call processes (prefill B x L, decode B) or produces (generate B x new)."""
+    """Real tokens one call processes (prefill, decode B) or produces (generate B x new)."""
     if s["phase"] == "prefill":
-        return s["B"] * s["L"]
+        return sum(row_lengths(s)) if s.get("lengths") else s["B"] * s["L"]
     if s["phase"] == "decode":
         return s["B"]
     return s["B"] * s["new"]
@@ -257,7 +278,8 @@ def _bundle(s: dict, device, dtype, seed) -> dict:
     if s["row"] == "mixed":
         hidden = MODELS[s["model"]]["hidden_size"]
         configs = {
-            "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=s["prefix"]),
+            **{f"prefix{p}": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p)  # P-tuning v2
+               for p in s["prefix"]},
             "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=s["prompt"]),
             "ptuning": peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=s["ptuning"],
                                                 encoder_hidden_size=hidden // 4),
@@ -265,7 +287,7 @@ def _bundle(s: dict, device, dtype, seed) -> dict:
         for i, (name, config) in enumerate(configs.items()):
             torch.manual_seed(seed + 10 + i)
             m = peft.get_peft_model(copy.deepcopy(base), config)
-            if name == "prefix":
+            if name.startswith("prefix"):
                 with torch.no_grad():
                     for p in m.prompt_encoder.parameters():
                         p.normal_(0, 0.5)
@@ -300,11 +322,16 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
     g = torch.Generator(device="cpu").manual_seed(seed)
     L_in = s["ctx"] + 1 if s["phase"] == "decode" else s["L"]
     ids = torch.randint(3, V, (s["B"], L_in), generator=g).to(device)
+    lengths = row_lengths(s)
+    mask = None
+    if lengths is not None:  # left padding, as batched generation pads
+        mask = (torch.arange(L_in)[None] >= L_in - torch.tensor(lengths)[:, None]).long().to(device)
+        ids = ids.masked_fill(mask == 0, 0)
     if s["row"] == "lora":
         T = s["T"]
         names = [b["lora_names"][r % T] for r in range(s["B"])]
     else:
-        cycle = b["lora_names"] + list(b["others"]) + [None]
+        cycle = b["lora_names"] + list(b["others"]) + [None] * MIXED_BASE
         names = [cycle[r % len(cycle)] for r in range(s["B"])]
     groups = _groups(names)
     ours_m, lora_m, base_m = b["ours"], b["lora"], b["base"]
@@ -329,13 +356,16 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
 
     if s["phase"] in ("prefill", "decode"):
         if s["phase"] == "prefill":
-            ours_fn = lambda: ours_m(ids, adapter_names=names).logits  # noqa: E731
-            base_fn = lambda: base_m(input_ids=ids).logits  # noqa: E731
+            ours_fn = lambda: ours_m(ids, mask, adapter_names=names).logits  # noqa: E731
+            ours_padded_fn = lambda: ours_m(ids, mask, adapter_names=names, packed=False).logits  # noqa: E731
+            base_fn = lambda: base_m(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+            lb_mask = None if mask is None else mask[lb_rows]
+            pl_mask = {n: None if mask is None else mask[rows] for n, rows in pl_groups.items()}
 
             def peft_fn():
-                outs = [lora_m(input_ids=lb_ids, adapter_names=lb_names).logits]
+                outs = [lora_m(input_ids=lb_ids, attention_mask=lb_mask, adapter_names=lb_names).logits]
                 for n, x in pl_ids.items():
-                    outs.append(b["others"][n](input_ids=x).logits[:, -x.shape[1]:])  # real tokens only
+                    outs.append(b["others"][n](input_ids=x, attention_mask=pl_mask[n]).logits[:, -x.shape[1]:])
                 return outs
 
             if "patched" in b:
@@ -373,56 +403,77 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
                 patched_fn = lambda: [patched_one()]  # noqa: E731
             notes.append(f"decode: one step of B x 1 tokens after a {ctx}-token KV cache (each implementation's "
                          f"own, cropped back after every step); checked per adapter group")
-        ours = Impl("ours", ours_fn, no_grad=True, canon=split, backend=_backend(s), note="MultiAdapterModel")
-        peft_impl = Impl("peft", peft_fn, no_grad=True, canon=peft_canon, tol=tol,
-                         note="PEFT: adapter_names= mixed batch (+ one call per prompt-learning adapter)")
+        canon = split
+        if mask is not None:  # compare real tokens only
+            real = [mask[rows].bool() for rows in groups.values()]
+            canon = lambda outs: [t[m] for t, m in zip(split(outs), real)]  # noqa: E731
+        ours = Impl("ours", ours_fn, no_grad=True, canon=canon, backend=_backend(s), note="MultiAdapterModel")
+        peft_impl = Impl("peft", peft_fn, no_grad=True, canon=peft_canon, tol=tol, check=mask is None,
+                         note="PEFT: adapter_names= mixed batch (+ one call per prompt-learning adapter)"
+                              + ("; not compared: under left padding PEFT's positions depend on the padding"
+                                 if mask is not None else ""))
         floor = Impl("base_model", base_fn, no_grad=True, check=False)
+        if s["phase"] == "prefill" and s["row"] == "mixed":
+            padded = Impl("ours_padded", ours_padded_fn, no_grad=True, canon=canon, tol=tol,
+                          note="MultiAdapterModel(packed=False): the padded batch, prompts right-aligned")
     else:
         new = s["new"]
         gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        ours_fn = lambda: ours_m.generate(ids, adapter_names=names, **gen)  # noqa: E731
-        base_fn = lambda: base_m.generate(input_ids=ids, **gen)  # noqa: E731
+        ours_fn = lambda: ours_m.generate(ids, mask, adapter_names=names, **gen)  # noqa: E731
+        ours_padded_fn = lambda: ours_m.generate(ids, mask, adapter_names=names, packed=False, **gen)  # noqa: E731
+        base_fn = lambda: base_m.generate(input_ids=ids, attention_mask=mask, **gen)  # noqa: E731
+        lb_mask = None if mask is None else mask[lb_rows]
+        pl_mask = {n: None if mask is None else mask[rows] for n, rows in pl_groups.items()}
 
         def peft_fn():
-            outs = [lora_m.generate(input_ids=lb_ids, adapter_names=lb_names, **gen)]
+            outs = [lora_m.generate(input_ids=lb_ids, attention_mask=lb_mask, adapter_names=lb_names, **gen)]
             for n, x in pl_ids.items():
-                outs.append(b["others"][n].generate(input_ids=x, **gen))
+                outs.append(b["others"][n].generate(input_ids=x, attention_mask=pl_mask[n], **gen))
             return outs
 
-        with torch.inference_mode():
-            seq = ours_fn()
-            try:  # PEFT's generate only feeds the notes here: its failure is the harness's to report
-                theirs, peft_err = peft_canon(peft_fn()), None
-            except Exception as exc:
-                theirs, peft_err = [None] * len(groups), f"{type(exc).__name__}: {str(exc)[:150]}"
-            gaps, match = {}, {}
-            for (n, rows), got in zip(groups.items(), theirs):
-                x = seq[rows]
-                if n is None:
-                    logits = base_m(input_ids=x[:, :-1]).logits
-                elif n in b["lora_names"]:
-                    logits = lora_m(input_ids=x[:, :-1], adapter_names=[n] * len(rows)).logits
-                else:
-                    logits = b["others"][n](input_ids=x[:, :-1]).logits[:, -(x.shape[1] - 1):]
-                gaps[str(n or "base")] = greedy_gap(x, s["L"], logits)
-                if got is not None:
-                    same = int((got[:, -new:] == x[:, -new:]).sum().item()) if got.shape[1] >= new else 0
-                    match[str(n or "base")] = f"{same}/{len(rows) * new}"
-        worst = max(gaps.values())
-        if not worst <= tol:
-            raise AssertionError(f"ours' generated tokens are not PEFT-forward greedy (max relative logit gap "
-                                 f"{worst:.3g} > {tol:g}): {gaps}")
-        notes.append(f"generate: {new} new tokens (greedy) after the L-token prompt; ours checked against PEFT's "
-                     f"forward teacher-forced on ours' tokens (greedy within tolerance)")
-        notes.append(f"{label(s)}: ours vs PEFT-forward greedy, max relative logit gap {worst:.2g} (tol {tol:g}); "
-                     + ("PEFT route generate tokens equal to ours: " + ", ".join(f"{n} {m}" for n, m in match.items())
-                        if peft_err is None else f"PEFT route generate failed: {peft_err}"))
+        if mask is None:
+            with torch.inference_mode():
+                seq = ours_fn()
+                try:  # PEFT's generate only feeds the notes here: its failure is the harness's to report
+                    theirs, peft_err = peft_canon(peft_fn()), None
+                except Exception as exc:
+                    theirs, peft_err = [None] * len(groups), f"{type(exc).__name__}: {str(exc)[:150]}"
+                gaps, match = {}, {}
+                for (n, rows), got in zip(groups.items(), theirs):
+                    x = seq[rows]
+                    if n is None:
+                        logits = base_m(input_ids=x[:, :-1]).logits
+                    elif n in b["lora_names"]:
+                        logits = lora_m(input_ids=x[:, :-1], adapter_names=[n] * len(rows)).logits
+                    else:
+                        logits = b["others"][n](input_ids=x[:, :-1]).logits[:, -(x.shape[1] - 1):]
+                    gaps[str(n or "base")] = greedy_gap(x, s["L"], logits)
+                    if got is not None:
+                        same = int((got[:, -new:] == x[:, -new:]).sum().item()) if got.shape[1] >= new else 0
+                        match[str(n or "base")] = f"{same}/{len(rows) * new}"
+            worst = max(gaps.values())
+            if not worst <= tol:
+                raise AssertionError(f"ours' generated tokens are not PEFT-forward greedy (max relative logit gap "
+                                     f"{worst:.3g} > {tol:g}): {gaps}")
+            notes.append(f"generate: {new} new tokens (greedy) after the L-token prompt; ours checked against PEFT's "
+                         f"forward teacher-forced on ours' tokens (greedy within tolerance)")
+            notes.append(f"{label(s)}: ours vs PEFT-forward greedy, max relative logit gap {worst:.2g} (tol {tol:g}); "
+                         + ("PEFT route generate tokens equal to ours: " + ", ".join(f"{n} {m}" for n, m in match.items())
+                            if peft_err is None else f"PEFT route generate failed: {peft_err}"))
+        else:
+            notes.append("ragged generate: ours (packed) checked token for token against ours_padded (transformers' "
+                         "generate on the left-padded batch, which counts positions from the mask)")
         ours = Impl("ours", ours_fn, no_grad=True, backend=_backend(s), note="MultiAdapterModel.generate")
         peft_impl = Impl("peft", peft_fn, no_grad=True, check=False,
                          note="not compared: PEFT's generate of prefix/prompt models is wrong with this transformers "
                               "(tokens equal to ours in the row's notes); ours checked against PEFT's forward")
         floor = Impl("base_model", base_fn, no_grad=True, check=False)
+        if s["row"] == "mixed":
+            padded = Impl("ours_padded", ours_padded_fn, no_grad=True,
+                          note="MultiAdapterModel.generate(packed=False): transformers' generate on the padded batch")
     baselines = [peft_impl, floor]
+    if s["row"] == "mixed":
+        baselines.insert(1, padded)
     if "patched" in b and s["phase"] in ("prefill", "decode"):
         baselines.insert(1, Impl("peft_patched", patched_fn, no_grad=True, canon=peft_canon, tol=tol,
                                  note="the same PeftModel after peft_kernels.patch (its LoRA layers on multi_lora)"))
@@ -442,7 +493,7 @@ def build(s: dict, device: torch.device, dtype: torch.dtype, seed: int) -> Case:
 def _backend(s: dict):
     if s["row"] == "lora":
         return backend_of("multi_lora")
-    return backend_of("multi_lora", "prefix_attention", "soft_prompt_embed")
+    return backend_of("multi_lora", "prefix_attention_varlen", "soft_prompt_embed_varlen")  # packed: prompts
 
 
 def _prefix_patch_case(s: dict, device, dtype, seed: int, tol: float) -> Case:
@@ -556,13 +607,14 @@ def derived(row: dict) -> Optional[dict]:
     if row.get("suite") != "e2e" or "tokens" not in shape or not o.get("median_ms"):
         return None
     ms = {"ours": o["median_ms"]}
-    for n in ("peft", "base_model"):
+    for n in ("peft", "base_model", "ours_padded"):
         e = row["baselines"].get(n, {})
         ms[n] = e.get("median_ms") if e.get("status") == "ok" else None
     tps = {n: (shape["tokens"] / (v * 1e-3) if v else None) for n, v in ms.items()}
     out = {"tokens": shape["tokens"], "ms": ms, "tokens_per_s": tps,
            "speedup_vs_peft": ms["peft"] / ms["ours"] if ms["peft"] else None,
            "ratio_vs_base": ms["base_model"] / ms["ours"] if ms["base_model"] else None,
+           "speedup_vs_padded": ms["ours_padded"] / ms["ours"] if ms["ours_padded"] else None,
            "overhead_ratio": None}
     if ms["peft"] and ms["base_model"] and ms["ours"] > ms["base_model"]:
         out["overhead_ratio"] = (ms["peft"] - ms["base_model"]) / (ms["ours"] - ms["base_model"])
@@ -575,7 +627,7 @@ def summary(rows: list[dict]) -> str:
         return "" if x is None else format(x, fmt)
 
     lines = ["| shape | tokens/call | ours tok/s | peft tok/s | base tok/s | speed-up vs PEFT | ours / base "
-             "throughput | overhead ratio (PEFT added / ours added) |", "|" + "---|" * 8]
+             "throughput | speed-up vs ours padded | overhead ratio (PEFT added / ours added) |", "|" + "---|" * 9]
     cache = []
     for r in rows:
         d = derived(r)
@@ -584,6 +636,7 @@ def summary(rows: list[dict]) -> str:
         t = d["tokens_per_s"]
         lines.append(f"| {r['shape_label']} | {d['tokens']} | {f(t['ours'])} | {f(t['peft'])} | {f(t['base_model'])} "
                      f"| {f(d['speedup_vs_peft'], '.2f')} | {f(d['ratio_vs_base'], '.2f')} "
+                     f"| {f(d['speedup_vs_padded'], '.2f')} "
                      f"| {f(d['overhead_ratio'], '.2f') or 'n/a (ours not above base)'} |")
         kv = r["shape"].get("kv_cache")
         if kv:
