@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import attention as attn
 from ..methods.geometry import model_geometry

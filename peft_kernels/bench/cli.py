@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]] = None) -> int:
         from . import serve
 
         out = Path(args.out) if args.out else default_out_dir("serve")
-        threads = ["--server-arg", f"--threads={args.threads}"] if args.threads else []  # the server's, as ours
+        threads = [f"--server-arg=--threads={args.threads}"] if args.threads else []  # the server's, as ours
         return serve.main(["--samples", str(max(7, args.cpu_samples or 7)), "--seed", str(args.seed), "--out", str(out),
                            *threads])
     if args.device == "cuda" and not torch.cuda.is_available():
