@@ -307,26 +307,21 @@ class MultiAdapterModel(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
         return padded or any(self.virtual_tokens(n) for n in names)
 
-    def _slots(self, names, attention_mask: Optional[Tensor], shape, device) -> tuple[Tensor, Tensor]:
-        """([B] prompt slots, [B] stream slots) of each row."""
-        prompt_lens = torch.tensor([self.virtual_tokens(n) for n in names], dtype=torch.long, device=device)
-        lengths = (torch.full((shape[0],), shape[1], device=device) if attention_mask is None
-                   else attention_mask.to(device).bool().sum(1))
-        return prompt_lens, lengths + prompt_lens
-
     @contextlib.contextmanager
     def _packed_route(self, names, attention_mask, shape, device) -> Iterator[tuple[Batch, PackedRows]]:
-        prompt_lens, slots = self._slots(names, attention_mask, shape, device)
+        prompt_lens = torch.tensor([self.virtual_tokens(n) for n in names], dtype=torch.long, device=device)
+        rows = pack_rows(attention_mask, shape, device, prompt_lens=prompt_lens)
         self.attention()
-        with self.route(names, shape[0], device, slots_per_row=slots) as batch:
-            yield batch, pack_rows(attention_mask, shape, device, prompt_lens=prompt_lens,
-                                   position_offset=batch.position_offset)
+        with self.route(names, shape[0], device, slots_per_row=rows.seq_lens) as batch:
+            yield batch, rows.shifted(batch.position_offset)
 
-    def _keeps_logits(self) -> bool:
+    def keeps_logits(self) -> bool:
         """Does the model's forward take ``logits_to_keep`` (positions whose logits to compute)?"""
         return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
-    def _packed_call(self, rows: PackedRows, inputs: dict, **kwargs):
+    def packed_call(self, rows: PackedRows, inputs: dict, **kwargs):
+        """``self.model(**inputs, **kwargs)`` as the packed step ``rows`` describes (its packing and
+        positions); the caller routes the call (:meth:`route` with ``slots_per_row``)."""
         with packed(rows.packing):
             return self.model(**inputs, position_ids=rows.positions, **kwargs)
 
@@ -353,9 +348,9 @@ class MultiAdapterModel(nn.Module):
                                               inputs_embeds=inputs_embeds)
                 if labels is not None:
                     inputs["labels"] = rows.labels(labels)
-                elif self._keeps_logits():
+                elif self.keeps_logits():
                     kwargs["logits_to_keep"] = rows.token_slots  # no head over prompt slots
-                out = self._packed_call(rows, inputs, **kwargs)
+                out = self.packed_call(rows, inputs, **kwargs)
             out.logits = rows.unpack(out.logits)
             return out
         with self.route(names, B, tokens.device) as batch:
@@ -404,7 +399,7 @@ class MultiAdapterModel(nn.Module):
         if sampling.max_new_tokens == 0:
             return input_ids
         cache = packed_cache()
-        keep = {"logits_to_keep": None} if self._keeps_logits() else {}
+        keep = {"logits_to_keep": None} if self.keeps_logits() else {}
         with self._packed_route(names, attention_mask, (B, L), device) as (batch, rows):
             if bool((rows.seq_lens == 0).any()):
                 raise ValueError("every row needs at least one real token (or a soft prompt) to generate from")
@@ -412,7 +407,7 @@ class MultiAdapterModel(nn.Module):
             last = rows.last_slots()
             if keep:
                 keep["logits_to_keep"] = last
-            out = self._packed_call(rows, inputs, use_cache=True, **{cache_kw(): cache}, **keep)
+            out = self.packed_call(rows, inputs, use_cache=True, **{cache_kw(): cache}, **keep)
             logits = out.logits[0] if keep else out.logits[0, last]
         positions = rows.positions[0, last] + 1
         cached = rows.seq_lens.clone()

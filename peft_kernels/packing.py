@@ -43,7 +43,8 @@ class Packing:
         return self.cu_seqlens_q.shape[0] - 1
 
 
-def _cu(lengths: Tensor) -> Tensor:
+def cu_seqlens_of(lengths: Tensor) -> Tensor:
+    """int32 [S+1] sequence boundaries (0, then the running sum) of ``lengths`` [S]."""
     return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
 
 
@@ -55,12 +56,12 @@ def make_packing(new_lengths: Tensor, past_lengths: Optional[Tensor] = None) -> 
     once per step, never per layer.
     """
     new_lengths = new_lengths.long()
-    cu_q = _cu(new_lengths)
+    cu_q = cu_seqlens_of(new_lengths)
     if past_lengths is None:
         past_lengths = torch.zeros_like(new_lengths)
     past_lengths = past_lengths.to(new_lengths.device).long()
     total = new_lengths + past_lengths
-    cu_k = _cu(total)
+    cu_k = cu_seqlens_of(total)
     stats = torch.stack([new_lengths.max(), new_lengths.min(), total.max(), total.min(), past_lengths.sum()]).tolist() \
         if new_lengths.numel() else [0, 0, 0, 0, 0]
     max_q, min_q, max_k, min_k, cached = stats
@@ -69,7 +70,7 @@ def make_packing(new_lengths: Tensor, past_lengths: Optional[Tensor] = None) -> 
         starts = cu_k[:-1].long()
         old_seq = torch.repeat_interleave(torch.arange(len(past_lengths), device=cu_k.device), past_lengths,
                                           output_size=cached)
-        old_offset = torch.arange(cached, device=cu_k.device) - _cu(past_lengths)[:-1].long()[old_seq]
+        old_offset = torch.arange(cached, device=cu_k.device) - cu_seqlens_of(past_lengths)[:-1].long()[old_seq]
         old_to_new = starts[old_seq] + old_offset
         n_new = int(cu_q[-1])
         new_seq = torch.repeat_interleave(torch.arange(len(new_lengths), device=cu_k.device), new_lengths,

@@ -7,15 +7,15 @@ inputs in and outputs back out.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import soft_prompt_concat_varlen, soft_prompt_embed_varlen
-from ..packing import Packing, make_packing
+from ..packing import Packing, cu_seqlens_of, make_packing
 from .prompt_model import _plain_embedding
 from .selection import used_in_order
 from .soft_prompt import stack_prompts
@@ -77,16 +77,26 @@ class PackedRows:
         """[B] int64: the stream index of each sequence's last slot (rows must not be empty)."""
         return self.cu_seqs[1:].long() - 1
 
+    def shifted(self, position_offset: Union[int, Tensor]) -> "PackedRows":
+        """These rows with every sequence's positions shifted by ``position_offset`` (an int or [B])."""
+        if isinstance(position_offset, int) and position_offset == 0:
+            return self
+        if isinstance(position_offset, Tensor):
+            position_offset = self.per_slot(position_offset.to(self.positions.device).long())
+        return dataclasses.replace(self, positions=self.positions + position_offset)
+
 
 def pack_rows(attention_mask: Optional[Tensor], shape: tuple[int, int], device, *,
-              prompt_lens: Optional[Tensor] = None, position_offset: Union[int, Tensor] = 0) -> PackedRows:
+              prompt_lens: Optional[Tensor] = None, past_lengths: Optional[Tensor] = None) -> PackedRows:
     """The packed layout of a ``shape`` = (B, L) batch.
 
     Shapes: attention_mask [B, L] (1 = real token, padding anywhere) or None (all real);
-    prompt_lens [B] soft-prompt slots per row or None; position_offset an int or [B].
+    prompt_lens [B] soft-prompt slots per row or None; past_lengths [B] tokens a packed cache
+    already holds per sequence, or None (no cache yet).
     Semantics: row b becomes sequence b = [prompt_lens[b] prompt slots ; its real tokens in
-    order], positions ``position_offset[b] + 0, 1, ...`` over the whole sequence, which is how
-    the row counts its positions when it runs alone and unpadded. One host read (the lengths).
+    order], positions ``0, 1, ...`` over the whole sequence, which is how the row counts its
+    positions when it runs alone and unpadded (:meth:`PackedRows.shifted` adds a prefix's or a
+    running request's offset). One host read (the lengths).
     """
     B, L = shape
     mask = (torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None
@@ -94,8 +104,8 @@ def pack_rows(attention_mask: Optional[Tensor], shape: tuple[int, int], device, 
     lengths = mask.sum(1)
     prompt_lens = torch.zeros_like(lengths) if prompt_lens is None else prompt_lens.to(device).long()
     seq_lens = lengths + prompt_lens
-    cu_tokens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    packing = make_packing(seq_lens)
+    cu_tokens = cu_seqlens_of(lengths)
+    packing = make_packing(seq_lens, past_lengths)
     cu_seqs = packing.cu_seqlens_q
     total = int(cu_seqs[-1])  # one host read; make_packing already synchronised
     n_tokens = total - int(prompt_lens.sum())
@@ -103,8 +113,7 @@ def pack_rows(attention_mask: Optional[Tensor], shape: tuple[int, int], device, 
     token_slots = (torch.arange(n_tokens, device=device) - cu_tokens[:-1].long()[token_row]
                    + cu_seqs[:-1].long()[token_row] + prompt_lens[token_row])
     slot_row = torch.repeat_interleave(torch.arange(B, device=device), seq_lens, output_size=total)
-    offset = position_offset.to(device).long()[slot_row] if isinstance(position_offset, Tensor) else position_offset
-    positions = (torch.arange(total, device=device) - cu_seqs[:-1].long()[slot_row] + offset)[None]
+    positions = (torch.arange(total, device=device) - cu_seqs[:-1].long()[slot_row])[None]
     return PackedRows(mask, prompt_lens, seq_lens, cu_tokens, cu_seqs, token_slots, positions, packing)
 
 

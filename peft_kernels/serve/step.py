@@ -7,8 +7,6 @@ already holds for it, under its own adapter, all in one varlen call.
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -18,7 +16,6 @@ from torch import Tensor
 from ..cache_utils import cache_kw
 from ..methods.packed_batch import pack_rows, packed_prompt_inputs
 from ..multi_adapter import MultiAdapterModel
-from ..packing import make_packing, packed
 
 
 @dataclass
@@ -48,7 +45,7 @@ class StepRunner:
         model.attention()
         self.model = model
         self._cache_kw = cache_kw()
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.model.forward).parameters
+        self._keeps_logits = model.keeps_logits()
 
     def virtual_tokens(self, name: Optional[str]) -> int:
         """Soft-prompt slots a new sequence of adapter ``name`` starts with (0: none)."""
@@ -80,24 +77,21 @@ class StepRunner:
         new = [p == 0 for p in past]
         prompt_lens = torch.tensor([self.virtual_tokens(n) if fresh else 0 for n, fresh in zip(names, new)],
                                    dtype=torch.long, device=device)
-        slots = torch.tensor(lengths, dtype=torch.long, device=device) + prompt_lens
         past_t = torch.tensor(list(past), dtype=torch.long, device=device)
-        with self.model.route(list(names), S, device, slots_per_row=slots) as batch:
+        rows = pack_rows(mask, (S, width), device, prompt_lens=prompt_lens, past_lengths=past_t)
+        with self.model.route(list(names), S, device, slots_per_row=rows.seq_lens) as batch:
             offset = batch.position_offset
             offset = (offset.to(device).long() if isinstance(offset, Tensor)
                       else torch.full((S,), int(offset), dtype=torch.long, device=device))
             running = torch.tensor([p > 0 for p in past], dtype=torch.bool, device=device)
             offset = torch.where(running, torch.tensor(list(next_positions), dtype=torch.long, device=device), offset)
-            rows = pack_rows(mask, (S, width), device, prompt_lens=prompt_lens, position_offset=offset)
-            rows = dataclasses.replace(rows, packing=make_packing(rows.seq_lens, past_t))
+            rows = rows.shifted(offset)
             prompt_rows = [n if fresh and n in batch.prompts else None for n, fresh in zip(names, new)]
             inputs = packed_prompt_inputs(self.model.model, batch.prompts,
                                           prompt_rows if any(p is not None for p in prompt_rows) else None,
                                           rows, input_ids=ids)
             last = rows.last_slots()
             keep = {"logits_to_keep": last} if self._keeps_logits else {}
-            with packed(rows.packing):
-                out = self.model.model(**inputs, position_ids=rows.positions, use_cache=True,
-                                       **{self._cache_kw: cache}, **keep)
+            out = self.model.packed_call(rows, inputs, use_cache=True, **{self._cache_kw: cache}, **keep)
         logits = out.logits[0] if keep else out.logits[0, last]
-        return StepResult(logits, rows.positions[0, last] + 1, slots)
+        return StepResult(logits, rows.positions[0, last] + 1, rows.seq_lens)
