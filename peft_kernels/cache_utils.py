@@ -1,11 +1,13 @@
 """KV-cache helpers across transformers versions: find a cache, measure it, crop it."""
 from __future__ import annotations
 
+import functools
 import inspect
 
 from torch import Tensor
 
 
+@functools.lru_cache(maxsize=None)
 def cache_kw() -> str:
     """The forward keyword for a KV cache: ``cache`` in newer transformers, ``past_key_values`` before."""
     from transformers import LlamaForCausalLM

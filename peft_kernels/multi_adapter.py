@@ -225,18 +225,20 @@ class MultiAdapterModel(nn.Module):
     # ------------------------------------------------------------------ batches
 
     @contextlib.contextmanager
-    def route(self, adapter_names, rows: int, device=None, slots_per_row: Optional[Tensor] = None) -> Iterator[Batch]:
+    def route(self, adapter_names, rows: int, device=None, slots_per_row: Optional[Tensor] = None,
+              memo: Optional[dict] = None) -> Iterator[Batch]:
         """Route every call of ``self.model`` inside the block: each kind sets up its rows.
 
         Semantics: ``adapter_names`` as in :meth:`forward`; ``slots_per_row`` [B] makes it a
         packed call's routing (per-token indices over each row's slots); the routing is per call
-        (context-local) and gone after the block.
+        (context-local) and gone after the block. ``memo``: see :class:`Batch` (its owner
+        empties it whenever an adapter's weights may have changed).
         """
         names = self.row_names(adapter_names, rows)
         if self.training:
             keep_call_context(self.model)  # recomputed checkpointed blocks see this call's routing
         with contextlib.ExitStack() as stack:
-            batch = Batch(names, self.adapters, device or self.device, stack, slots_per_row=slots_per_row)
+            batch = Batch(names, self.adapters, device or self.device, stack, slots_per_row=slots_per_row, memo=memo)
             for kind in self.kinds.values():
                 kind.route(batch)
             yield batch
@@ -305,11 +307,12 @@ class MultiAdapterModel(nn.Module):
         if packed is True:
             return True
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
-        return padded or any(self.virtual_tokens(n) for n in names)
+        return padded or any(self.virtual_tokens(n) for n in set(names))
 
     @contextlib.contextmanager
     def _packed_route(self, names, attention_mask, shape, device) -> Iterator[tuple[Batch, PackedRows]]:
-        prompt_lens = torch.tensor([self.virtual_tokens(n) for n in names], dtype=torch.long, device=device)
+        slots = {n: self.virtual_tokens(n) for n in set(names)}
+        prompt_lens = torch.tensor([slots[n] for n in names], dtype=torch.long, device=device)
         rows = pack_rows(attention_mask, shape, device, prompt_lens=prompt_lens)
         self.attention()
         with self.route(names, shape[0], device, slots_per_row=rows.seq_lens) as batch:

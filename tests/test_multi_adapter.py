@@ -198,3 +198,24 @@ def test_merge_and_unmerge_one_lora_adapter():
             if n in base_weights:
                 torch.testing.assert_close(p, base_weights[n], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(model(ids, adapter_names="a").logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_chooses_the_lora_kernel_once_per_call_not_once_per_layer(peft_dirs, monkeypatch):
+    import sys
+
+    ops = sys.modules["peft_kernels.ops.multi_lora"]
+    model = _multi(peft_dirs).eval()
+    calls = []
+    real = ops.select
+    monkeypatch.setattr(ops, "select", lambda op, *a: calls.append(op) or real(op, *a))
+    ids = torch.randint(3, 97, (3, 5))
+    names = ["lora_qv", "lora_all", None]
+    with torch.no_grad():
+        model(ids, adapter_names=names)
+        assert calls == ["multi_lora"]  # every LoRA layer of the call, one choice
+        model(ids, adapter_names=names)
+        assert calls == ["multi_lora"] * 2  # the next call chooses again (a backend forced in between counts)
+        with pk.use_backend("reference"):
+            ref = model(ids, adapter_names=names).logits
+        assert pk.last_backend("multi_lora") == "reference"
+        assert torch.allclose(model(ids, adapter_names=names).logits, ref, atol=1e-5)

@@ -68,7 +68,9 @@ class Batch:
     row's prompt module in ``prompts`` (``{name: module}``) so one fused embed serves them all.
     A packed call sets ``slots_per_row`` [B] (the stream slots of each row's sequence): per-token
     indices then come from :meth:`token_index`. Prefix kinds put each row's position offset in
-    ``position_offset``.
+    ``position_offset``. ``memo`` (None, or a dict the caller keeps across calls whose adapter
+    weights it knows to be unchanged, as a server's steps) lets kinds reuse what they derive
+    from the weights (the prefix kind: its stacked banks).
     """
 
     names: list[Optional[str]]
@@ -78,6 +80,7 @@ class Batch:
     prompts: dict[str, nn.Module] = field(default_factory=dict)
     slots_per_row: Optional[Tensor] = None
     position_offset: Union[int, Tensor] = 0
+    memo: Optional[dict] = None
 
     def token_index(self, per_row: Tensor) -> Tensor:
         """A per-row index [B] as the layers consume it: unchanged in a padded call, one entry per

@@ -143,5 +143,6 @@ class LoraKind(AdapterKind):
         rows = batch.rows_of(self)
         if all(n is None for n in rows):
             return
-        slots = [-1 if n is None else self.routing.names.index(n) for n in rows]
+        slot_of = {n: self.routing.names.index(n) for n in set(rows) if n is not None}
+        slots = [-1 if n is None else slot_of[n] for n in rows]
         batch.enter(self.routing.use(batch.token_index(torch.tensor(slots, dtype=torch.int32, device=batch.device))))

@@ -146,6 +146,7 @@ class PrefixKind(TableKind):
     def route(self, batch: Batch) -> None:
         rows = batch.rows_of(self)
         if any(n is not None for n in rows):
-            selection = select_prefixes(self.tables, rows, batch.device, local_kv_heads(self.model))
+            selection = select_prefixes(self.tables, rows, batch.device, local_kv_heads(self.model),
+                                        batch.memo)
             batch.position_offset = selection.position_offset
             batch.enter(self.state.use(selection))

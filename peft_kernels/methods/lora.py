@@ -14,19 +14,22 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from ..ops.multi_lora import multi_lora_rows
 from .selection import name_matches
 
 
 class _Route:
-    """One call's routing: the slot index and its per-token expansions (built once per length)."""
+    """One call's routing: the slot index, its per-token expansions (built once per length) and
+    the LoRA kernel its layers run on (chosen by the first layer: ``multi_lora_rows``' memo)."""
 
-    __slots__ = ("index", "per_token")
+    __slots__ = ("index", "per_token", "kernels")
 
     def __init__(self, index: Optional[Tensor]):
         self.index = index
         self.per_token: dict[int, Tensor] = {}
+        self.kernels: dict = {}
 
 
 _NO_ROUTE = _Route(None)
@@ -227,8 +230,9 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Called per layer and step: submodules, parameters and buffers are read from their dicts
         # (nn.Module.__getattr__ costs ~0.4 us each), and no-op casts and views by shape are skipped.
-        y = self._modules["base"](x)
-        index = self.routing.index
+        y = _base_forward(self._modules["base"], x)
+        route = self.routing._current.get()
+        index = route.index
         lora_a = self._parameters["lora_A"]
         if index is None or lora_a.shape[0] == 0:
             return y
@@ -246,10 +250,28 @@ class LoraLinear(nn.Module):
         if self.training and any(self.dropout):
             x2 = self._row_dropout(x2, index)
         buffers = self._buffers
-        run = multi_lora_rows if self.sharding is None else self.sharding.forward
-        out = run(x2, lora_a, self._parameters["lora_B"], index, buffers["scaling"], buffers["ranks"], y2)
+        args = (x2, lora_a, self._parameters["lora_B"], index, buffers["scaling"], buffers["ranks"], y2)
+        if self.sharding is None:
+            out = multi_lora_rows(*args, kernels=route.kernels)
+        else:
+            out = self.sharding.forward(*args)
         out = out.view_as(y)
         return out if out.dtype == y.dtype else out.to(y.dtype)
+
+
+_GLOBAL_HOOKS = (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks,
+                 _module_hooks._global_backward_pre_hooks, _module_hooks._global_backward_hooks)
+
+
+def _base_forward(base: nn.Module, x: Tensor) -> Tensor:
+    """``base(x)``; a plain ``nn.Linear`` (no hooks, no forward of its own, plain tensor weights: not a
+    tensor-parallel DTensor layer) runs as ``F.linear``, without the module-call frames."""
+    params = base._parameters
+    if (type(base) is nn.Linear and type(params["weight"]) is nn.Parameter and "forward" not in base.__dict__
+            and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks
+                     or base._backward_hooks or any(_GLOBAL_HOOKS))):
+        return nn.functional.linear(x, params["weight"], params["bias"])
+    return base(x)
 
 
 def is_linear(module: nn.Module) -> bool:

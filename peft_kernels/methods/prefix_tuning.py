@@ -119,21 +119,33 @@ def local_kv_heads(model: nn.Module) -> Optional[slice]:
 
 
 def select_prefixes(prefixes: Mapping[str, PrefixEncoder], names: Sequence[Optional[str]],
-                    device, kv_heads: Optional[slice] = None) -> attn.PrefixSelection:
+                    device, kv_heads: Optional[slice] = None, memo: Optional[dict] = None) -> attn.PrefixSelection:
     """This batch's prefixes: per-layer banks, row index, position offsets.
 
     Shapes: each layer's bank [T, Hkv, P, D], or [T, len(kv_heads), P, D] with ``kv_heads``.
     Semantics: built once per batch (every layer then reads it through
     :meth:`PrefixState.use`); rows with None get no prefix and no position offset; with no
     prefix in the batch every layer runs prefix-free. ``kv_heads`` keeps those KV heads only
-    (a tensor-parallel rank's, :func:`local_kv_heads`).
+    (a tensor-parallel rank's, :func:`local_kv_heads`). ``memo`` (a dict the caller keeps) reuses
+    the banks of the same prefixes while no gradient is recorded and no prefix weight changed (a
+    server's steps: the banks are stacked once, not once per step).
     """
     used = used_in_order(names, list(prefixes))
     if not used:
         return attn.NO_PREFIX
     heads = slice(None) if kv_heads is None else kv_heads
-    layers = {i: attn.LayerPrefix(lp.key[:, heads].to(device), lp.value[:, heads].to(device), lp.lens.to(device))
-              for i, lp in stack_layer_prefixes([prefixes[n].layers() for n in used]).items()}
+    key = None
+    if memo is not None and not torch.is_grad_enabled():
+        key = ("prefix banks", tuple(used), str(device), (heads.start, heads.stop, heads.step),
+               tuple((id(p), p._version) for n in used for p in prefixes[n].parameters()))
+    layers = memo.get(key) if key is not None else None
+    if layers is None:
+        layers = {i: attn.LayerPrefix(lp.key[:, heads].to(device), lp.value[:, heads].to(device), lp.lens.to(device))
+                  for i, lp in stack_layer_prefixes([prefixes[n].layers() for n in used]).items()}
+        if key is not None:
+            if len(memo) >= 64:  # a server sees a handful of prefix mixes at a time; old ones go
+                memo.clear()
+            memo[key] = layers
     index = torch.tensor([-1 if n is None else used.index(n) for n in names], dtype=torch.int32, device=device)
     lengths = torch.tensor([0] + [prefixes[n].num_virtual_tokens for n in used], device=device)
     return attn.PrefixSelection(layers, index, lengths[index.long() + 1])

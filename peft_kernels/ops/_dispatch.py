@@ -165,12 +165,16 @@ _STATUS_CACHE: dict = {}
 _SELECTED: dict = {}
 
 
+def needs_registered(differentiable: tuple) -> bool:
+    """Must this call go through the registered op (autograd records it, or torch.compile traces)?"""
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable))
+
+
 def call(op: str, registered: Callable, args: tuple, device: torch.device, differentiable: tuple):
     """Run a forward op: straight on the selected kernel when nothing needs autograd (eager
     inference: no custom-op dispatch cost), else through the registered op (autograd, compile)."""
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-    ):
+    if needs_registered(differentiable):
         return registered(*args)
     return select(op, device, *args)[1](*args)
 

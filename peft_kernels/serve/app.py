@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API over an :class:`~peft_kernels.serve.engine.Engine` (FastAPI).
+"""The OpenAI-compatible HTTP API (FastAPI) over an engine in a process of its own
+(:class:`~peft_kernels.serve.engine_process.EngineProcess`).
 
 Routes: ``GET /v1/models``, ``POST /v1/completions`` (JSON or server-sent events),
 ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's names; any adapter kind),
@@ -16,14 +17,14 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from .engine import Engine
+from .engine_process import EngineProcess
 from .protocol import choice, completion, include_usage, parse_completion, usage_of
 from .request import Event, RequestError
 
 log = logging.getLogger("peft_kernels.serve")
 
 
-def create_app(engine: Engine, model_path: str = ""):
+def create_app(engine: EngineProcess, model_path: str = ""):
     """The FastAPI app serving ``engine`` (started with the app, closed with it).
 
     Semantics: an adapter is requested by putting its name in ``model`` (vLLM's convention); a
@@ -67,16 +68,18 @@ def create_app(engine: Engine, model_path: str = ""):
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = await asyncio.wrap_future(engine.metrics_text())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
         now = int(time.time())
+        served, paths = await asyncio.wrap_future(engine.served())
         data = []
-        for name, peft_type in engine.served().items():
+        for name, peft_type in served.items():
             base = peft_type is None
             data.append({"id": name, "object": "model", "created": now, "owned_by": "peft_kernels",
-                         "root": model_path if base else engine.adapter_paths.get(name, name),
+                         "root": model_path if base else paths.get(name, name),
                          "parent": None if base else engine.base_name, "peft_type": peft_type,
                          "max_model_len": engine.max_positions})
         return {"object": "list", "data": data}
@@ -107,7 +110,7 @@ def create_app(engine: Engine, model_path: str = ""):
         req, token_prompt, stream = parse_completion(body, engine.tokenizer)
         usage_chunk = include_usage(body) if stream else False
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        engine.submit(req, queue.put_nowait)  # called on this loop (see lifespan)
+        await asyncio.wrap_future(engine.submit(req, queue.put_nowait))  # events come on this loop (see lifespan)
 
         if stream:
             async def chunks() -> AsyncIterator[str]:
@@ -162,7 +165,9 @@ def create_app(engine: Engine, model_path: str = ""):
         if event.error:
             return JSONResponse({"error": {"message": event.error, "type": "internal_error", "param": None,
                                            "code": None}}, status_code=500)
-        return completion(req, [choice(text, ids if token_prompt else None, event.finish_reason)], usage_of(event))
+        # a JSONResponse of the dict as it is: FastAPI's jsonable_encoder would walk every token id first
+        return JSONResponse(completion(req, [choice(text, ids if token_prompt else None, event.finish_reason)],
+                                       usage_of(event)))
 
     return app
 

@@ -77,22 +77,32 @@ def build_engine(args: argparse.Namespace):
     return engine
 
 
-def run(args: argparse.Namespace) -> int:
-    """Serve until interrupted; 2 on a bad model, adapter or argument."""
-    import uvicorn
-
-    from .app import create_app
-
+def configure(args: argparse.Namespace) -> None:
+    """Logging, torch's CPU threads and the GIL hand-over of a serve process (server or engine)."""
     import torch
 
     logging.basicConfig(level=args.log_level.upper())
     if args.threads:
         torch.set_num_threads(args.threads)
-    # the worker thread runs the model, the event loop the HTTP side: hand the GIL over quickly so
-    # that neither waits out a whole default 5 ms interval behind the other
+    # threads of one process (the engine's worker and its pipe reader, the event loop and its reader)
+    # hand the GIL over quickly: neither waits out a whole default 5 ms interval behind the other
     sys.setswitchinterval(0.0005)
-    try:
-        engine = build_engine(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; 2 on a bad model, adapter or argument.
+
+    The engine runs in a child process (:class:`~peft_kernels.serve.engine_process.EngineProcess`),
+    this one runs the HTTP server.
+    """
+    import uvicorn
+
+    from .app import create_app
+    from .engine_process import EngineProcess
+
+    configure(args)
+    try:  # a bad model or adapter fails in the engine process, which says why
+        engine = EngineProcess(args, tokenizer=_tokenizer(Path(args.model))).wait_ready()
     except (ValueError, OSError) as exc:
         print(f"peft_kernels serve: {exc}", file=sys.stderr)
         return 2

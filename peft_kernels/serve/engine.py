@@ -22,11 +22,12 @@ import torch
 
 from ..cache_utils import cache_layers
 from ..methods.geometry import model_geometry
+from ..methods.packed_generation import Sampling
 from ..multi_adapter import MultiAdapterModel, check_adapter_name
 from ..packing import keep_sequences, packed_cache
 from .metrics import Metrics
 from .request import Event, GenerationRequest, RequestError
-from .sampling import Chooser, choose
+from .sampling import Chooser, choose, sampling_of
 from .step import StepRunner
 from .text import TextStream
 
@@ -93,6 +94,7 @@ class Engine:
         self._unloading: dict[str, list[Future]] = {}
         self._reserved = 0
         self._cache = packed_cache()
+        self._settings: dict[tuple, Sampling] = {}
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[str] = None  # set if the worker itself dies
@@ -145,6 +147,8 @@ class Engine:
                 self.model.load_adapter(path, name)
             except (ValueError, TypeError, OSError) as exc:
                 raise RequestError(f"cannot load adapter {name!r}: {exc}", "lora_path") from exc
+            finally:
+                self.runner.forget()
             self.adapter_paths[name] = str(path)
 
         return self._command(load)
@@ -238,12 +242,20 @@ class Engine:
             raise RequestError(f"prompt and max_tokens={request.max_tokens} need {reserved} bytes of KV cache, more "
                                f"than the server holds (--kv-cache-bytes {self.kv_cache_bytes})", "max_tokens")
         try:
-            chooser = Chooser(self.model.model, request.max_tokens, request.temperature, request.top_p, request.top_k,
-                              request.seed)
+            chooser = Chooser(self._sampling(request), request.seed, self.runner.device)
         except ValueError as exc:  # the model's generation config, not the request
             raise RequestError(str(exc), None) from exc
-        text = TextStream(self.tokenizer, request.stop) if self.tokenizer is not None else None
+        text = TextStream(self.tokenizer, request.stop, request.stream) if self.tokenizer is not None else None
         return _Sequence(request, adapter, on_event, chooser, text, slots, reserved, time.monotonic(), feed=list(ids))
+
+    def _sampling(self, request: GenerationRequest) -> Sampling:
+        """The stop tokens and logits warpers of a request's temperature / top-p / top-k (built
+        once per setting: reading the model's generation config costs ~1 ms)."""
+        key = (request.temperature, request.top_p, request.top_k)
+        settings = self._settings.get(key)
+        if settings is None:
+            settings = self._settings[key] = sampling_of(self.model.model, *key)
+        return settings
 
     # ------------------------------------------------------------------ the worker
 
@@ -282,6 +294,7 @@ class Engine:
                 self.model.unload_adapter(name)
                 self.adapter_paths.pop(name, None)
                 error = None
+                self.runner.forget()
             except ValueError as exc:
                 error = RequestError(str(exc), "lora_name", 404, code="not_found")
             for future in futures:

@@ -87,7 +87,7 @@ def parse_completion(body, tokenizer) -> tuple[GenerationRequest, bool, bool]:
         top_k=_int(body, "top_k", 0, lo=0) if body.get("top_k") != -1 else 0,
         seed=_int(body, "seed", None),
         stop=stop, stop_token_ids=_token_list(body.get("stop_token_ids") or [], "stop_token_ids"),
-        ignore_eos=ignore_eos)
+        ignore_eos=ignore_eos, stream=stream)
     return request, token_prompt, stream
 
 

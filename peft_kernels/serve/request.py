@@ -26,7 +26,8 @@ class GenerationRequest:
     Semantics: ``model`` is the base model's served name or an adapter's name; ``prompt_ids`` the
     prompt's token ids; ``temperature`` 0 is greedy; ``stop`` strings end the text (they need a
     tokenizer) and ``stop_token_ids`` end the tokens; ``ignore_eos`` keeps going past the
-    model's end-of-sequence tokens.
+    model's end-of-sequence tokens; ``stream`` says the client reads the text piece by piece (the
+    engine then decodes it every step; otherwise once, at the end, unless stop strings need it).
     """
 
     request_id: str
@@ -40,6 +41,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    stream: bool = False
 
 
 @dataclass

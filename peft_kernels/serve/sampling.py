@@ -10,26 +10,31 @@ from torch import Tensor, nn
 from ..methods.packed_generation import Sampling, packed_settings
 
 
-class Chooser:
-    """The token choice of one request: ``packed_settings``' stop tokens and logits warpers, and a
-    generator of its own (seeded with the request's seed, else at random) so that a seeded request
-    samples the same tokens whatever else is in the batch."""
+def sampling_of(model: nn.Module, temperature: float, top_p: float, top_k: int = 0) -> Sampling:
+    """``packed_settings``' stop tokens and logits warpers of a request's settings (temperature 0:
+    greedy); ValueError when the model's generation config has settings continuous batching
+    cannot reproduce."""
+    greedy = temperature == 0
+    kwargs = dict(max_new_tokens=1, do_sample=not greedy)  # the engine counts each request's tokens itself
+    if not greedy:
+        kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+    settings: Optional[Sampling] = packed_settings(model, 0, kwargs)
+    if settings is None:
+        raise ValueError(f"the model's generation config has settings continuous batching cannot reproduce "
+                         f"({sorted(kwargs)} given)")
+    return settings
 
-    def __init__(self, model: nn.Module, max_tokens: int, temperature: float, top_p: float, top_k: int = 0,
-                 seed: Optional[int] = None):
-        greedy = temperature == 0
-        kwargs = dict(max_new_tokens=max_tokens, do_sample=not greedy)
-        if not greedy:
-            kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
-        settings: Optional[Sampling] = packed_settings(model, 0, kwargs)
-        if settings is None:
-            raise ValueError(f"the model's generation config has settings continuous batching cannot reproduce "
-                             f"({sorted(kwargs)} given)")
+
+class Chooser:
+    """The token choice of one request: its :func:`sampling_of` settings, and a generator of its
+    own (seeded with the request's seed, else at random) so that a seeded request samples the
+    same tokens whatever else is in the batch."""
+
+    def __init__(self, settings: Sampling, seed: Optional[int] = None, device: torch.device = torch.device("cpu")):
         self.settings = settings
         self.eos: list[int] = [] if settings.eos is None else settings.eos.tolist()
         self.generator: Optional[torch.Generator] = None
-        if not greedy:
-            device = next(model.parameters()).device
+        if settings.do_sample:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2 ** 63))
 

@@ -44,8 +44,14 @@ class StepRunner:
             raise ValueError(f"this model cannot be served with continuous batching: {why}")
         model.attention()
         self.model = model
+        self.device = model.device
         self._cache_kw = cache_kw()
         self._keeps_logits = model.keeps_logits()
+        self.memo: dict = {}  # what kinds derive from adapter weights, kept across steps (see forget)
+
+    def forget(self) -> None:
+        """Drop what was derived from adapter weights (call after loading or unloading an adapter)."""
+        self.memo.clear()
 
     def virtual_tokens(self, name: Optional[str]) -> int:
         """Soft-prompt slots a new sequence of adapter ``name`` starts with (0: none)."""
@@ -63,23 +69,21 @@ class StepRunner:
         each sequence attends its own cached tokens (and its prefix) only.
         """
         S = len(names)
-        device = self.model.device
+        device = self.device
         lengths = [len(f) for f in feeds]
         if S == 0 or min(lengths) < 1:
             raise ValueError(f"a step needs >= 1 sequence with >= 1 token each, got feed lengths {lengths}")
         width = max(lengths)
+        mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]  # each feed left-aligned in its row
         ids = torch.zeros(S, width, dtype=torch.long)
-        mask = torch.zeros(S, width, dtype=torch.bool)
-        for s, feed in enumerate(feeds):
-            ids[s, :len(feed)] = torch.as_tensor(feed, dtype=torch.long)
-            mask[s, :len(feed)] = True
+        ids[mask] = torch.tensor([t for feed in feeds for t in feed], dtype=torch.long)
         ids, mask = ids.to(device), mask.to(device)
         new = [p == 0 for p in past]
         prompt_lens = torch.tensor([self.virtual_tokens(n) if fresh else 0 for n, fresh in zip(names, new)],
                                    dtype=torch.long, device=device)
         past_t = torch.tensor(list(past), dtype=torch.long, device=device)
         rows = pack_rows(mask, (S, width), device, prompt_lens=prompt_lens, past_lengths=past_t)
-        with self.model.route(list(names), S, device, slots_per_row=rows.seq_lens) as batch:
+        with self.model.route(list(names), S, device, slots_per_row=rows.seq_lens, memo=self.memo) as batch:
             offset = batch.position_offset
             offset = (offset.to(device).long() if isinstance(offset, Tensor)
                       else torch.full((S,), int(offset), dtype=torch.long, device=device))

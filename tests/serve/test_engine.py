@@ -191,6 +191,30 @@ def test_adapters_load_and_unload_between_steps(model, tmp_path):
         engine.close()
 
 
+def test_a_prefix_reloaded_under_the_same_name_serves_its_new_weights(model, tmp_path):
+    # the engine keeps each prefix mix's stacked banks across steps: a reload must not see the old ones
+    other = MultiAdapterModel(tiny_llama()).eval()
+    torch.manual_seed(7)
+    other.add_adapter("prefix", KINDS["prefix"])
+    other.save_adapter("prefix", tmp_path / "new")
+    model.save_adapter("prefix", tmp_path / "old")
+    engine = Engine(model, base_name="base").start()
+    try:
+        outs = []
+        for d in ("old", "new"):
+            engine.load_adapter("p", str(tmp_path / d)).result(60)
+            c = Collector()
+            engine.submit(_request("p", [5, 6, 7], 6), c)
+            assert c.done.wait(60)
+            outs.append(c.tokens)
+            engine.unload_adapter("p").result(60)
+        assert outs[0] == _alone(model, "prefix", [5, 6, 7], 6)
+        other_alone = _alone(other, "prefix", [5, 6, 7], 6)
+        assert outs[1] == other_alone and outs[1] != outs[0]
+    finally:
+        engine.close()
+
+
 def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(model, monkeypatch):
     engine = Engine(model, base_name="base").start()
     try:

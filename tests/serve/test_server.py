@@ -17,16 +17,21 @@ from peft_kernels.bench.serve import (Server, reference_tokens, send_all, tiny_l
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+pytest.importorskip("aiohttp")  # the bench client (send_all)
 
 NAMES = ["lora_a", "lora_b", "prefix_a", "prefix_b", "prompt", "ptuning"]
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, max_position_embeddings=1024)
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
+def dirs_of(root):
+    """(root, model dir, {adapter: dir}) of the workload written under ``root``."""
     model_dir, adapters, _ = write_workload(root, **SMALL)
     return root, model_dir, adapters
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return dirs_of(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +265,43 @@ def test_a_full_kv_budget_queues_and_a_full_queue_answers_429(servers):
     assert third.status_code == 429 and "retry" in third.json()["error"]["message"]
     assert _metric(small, "kv_cache_limit_bytes") == 2 * 2 * 2 * 8 * 4 * 200
     assert httpx.get(small.url + "/metrics").text.count("peft_kernels_serve_time_to_first_token_seconds_bucket") == 13
+
+
+def test_a_bad_model_directory_exits_2_with_the_reason(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "peft_kernels", "serve", "--model", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not a transformers model directory" in out.stderr
+    _, model_dir, _ = dirs_of(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "peft_kernels", "serve", "--model", str(model_dir),
+                          f"--adapter=x={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "missing" in out.stderr  # raised in the engine process, reported here
+
+
+def test_when_the_engine_process_dies_health_says_so_and_requests_in_flight_end(dirs):
+    import os
+    import signal
+
+    root, model_dir, adapters = dirs
+    with Server(model_dir, {"lora_a": adapters["lora_a"]}, log=root / "dies.log") as server:
+        children = open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()
+        engines = [c for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        assert len(engines) == 1  # the engine process (beside multiprocessing's resource tracker)
+
+        async def cut_short():
+            async with httpx.AsyncClient(timeout=120) as client:
+                pending = asyncio.ensure_future(client.post(server.url + "/v1/completions", json=dict(
+                    model="lora_a", prompt=[3, 4], max_tokens=1000, temperature=0, ignore_eos=True)))
+                while not _metric(server, "running_requests"):
+                    await asyncio.sleep(0.02)
+                os.kill(int(engines[0]), signal.SIGKILL)
+                return await pending
+
+        r = asyncio.run(cut_short())
+        assert r.status_code == 500 and "engine" in r.json()["error"]["message"]
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and "exited" in health.json()["error"]
+        r = _complete(server, model="lora_a", prompt=[1, 2], max_tokens=2)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down"
