@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="the base model's name in requests and /v1/models (default: --model as given)")
     p.add_argument("--max-batch-tokens", type=int, default=2048,
-                   help="tokens one step feeds at most: one per running request plus new prompts (default 2048)")
+                   help="slots one step feeds at most: one per running request, then prompt chunks (a longer "
+                        "prompt is prefilled over several steps; default 2048)")
     p.add_argument("--kv-cache-bytes", type=int, default=1 << 30,
                    help="KV cache budget in bytes; requests reserve their longest length, the rest wait "
                         "(default 1 GiB)")

@@ -41,10 +41,10 @@ class _Sequence:
     on_event: Callable[[Event], None]
     chooser: Chooser
     text: Optional[TextStream]
-    slots: int  # prompt slots: soft prompt + prompt tokens
+    virtual: int  # soft-prompt slots (they come with the first prompt chunk)
     reserved: int  # KV bytes of its longest length
     arrival: float
-    feed: list[int] = field(default_factory=list)
+    feed: list[int] = field(default_factory=list)  # what is left of the prompt, then the last token
     generated: list[int] = field(default_factory=list)
     past: int = 0
     next_position: int = 0
@@ -61,8 +61,9 @@ class Engine:
     request's greedy tokens equal its own ``MultiAdapterModel.generate`` run alone. ``deliver``, when
     set, gets each step's ``[(on_event, event), ...]`` in one call instead (an event loop hands them
     on with one wake-up per step, not one per request). One step feeds
-    at most ``max_batch_tokens`` tokens (one per running request, plus new prompts); admitted
-    requests reserve at most ``kv_cache_bytes``; at most ``max_queue`` requests wait.
+    at most ``max_batch_tokens`` slots (one per running request, plus prompt chunks: a longer
+    prompt is prefilled over several steps); admitted requests reserve at most
+    ``kv_cache_bytes``; at most ``max_queue`` requests wait.
     """
 
     def __init__(self, model: MultiAdapterModel, *, base_name: str, tokenizer=None, max_batch_tokens: int = 2048,
@@ -230,9 +231,9 @@ class Engine:
         except ValueError:
             raise _unknown_model(request.model, self.served()) from None
         slots = virtual + len(ids)
-        if slots > self.max_batch_tokens:
-            raise RequestError(f"prompt has {slots} slots ({len(ids)} tokens + {virtual} soft-prompt slots), more than "
-                               f"one step takes (--max-batch-tokens {self.max_batch_tokens})", "prompt")
+        if virtual + 1 > self.max_batch_tokens:  # longer prompts are prefilled in chunks, the soft prompt in one
+            raise RequestError(f"adapter {adapter!r} puts {virtual} soft-prompt slots before the prompt: one step takes "
+                               f"at most {self.max_batch_tokens} (--max-batch-tokens)", "model")
         if self.max_positions is not None and offset + slots + request.max_tokens > self.max_positions:
             raise RequestError(f"max_tokens={request.max_tokens} is too large: the prompt takes {offset + slots} "
                                f"positions and the model has {self.max_positions}, so at most "
@@ -246,7 +247,7 @@ class Engine:
         except ValueError as exc:  # the model's generation config, not the request
             raise RequestError(str(exc), None) from exc
         text = TextStream(self.tokenizer, request.stop, request.stream) if self.tokenizer is not None else None
-        return _Sequence(request, adapter, on_event, chooser, text, slots, reserved, time.monotonic(), feed=list(ids))
+        return _Sequence(request, adapter, on_event, chooser, text, virtual, reserved, time.monotonic(), feed=list(ids))
 
     def _sampling(self, request: GenerationRequest) -> Sampling:
         """The stop tokens and logits warpers of a request's temperature / top-p / top-k (built
@@ -310,24 +311,49 @@ class Engine:
             self._keep([not s.cancelled for s in self._running], "cancelled")
 
     def _admit(self) -> None:
-        budget = self.max_batch_tokens - len(self._running)
+        budget = self.max_batch_tokens - sum(self._least(s) for s in self._running)
         with self._cv:
             while self._waiting:
                 seq = self._waiting[0]
-                if self._reserved + seq.reserved > self.kv_cache_bytes or seq.slots > budget:
+                if self._reserved + seq.reserved > self.kv_cache_bytes or self._least(seq) > budget:
                     break
                 self._waiting.popleft()
                 self._running.append(seq)
                 self._reserved += seq.reserved
-                budget -= seq.slots
+                budget -= self._least(seq)
                 self.metrics.count_request("admitted", len(seq.request.prompt_ids))
+
+    @staticmethod
+    def _least(seq: _Sequence) -> int:
+        """The slots a running sequence takes in every step at least: one token (its soft prompt too at first)."""
+        return 1 + (seq.virtual if seq.past == 0 else 0)
+
+    def _chunks(self, running: list[_Sequence]) -> list[list[int]]:
+        """Each sequence's feed this step: a decode token, or as much of the prompt as the step holds.
+
+        Semantics: chunked prefill: every sequence gets at least :meth:`_least`; what is left of
+        ``max_batch_tokens`` goes to the prompts in arrival order, so a long prompt is prefilled
+        over several steps while the others keep decoding.
+        """
+        spare = self.max_batch_tokens - sum(self._least(s) for s in running)
+        feeds = []
+        for seq in running:
+            more = min(spare, len(seq.feed) - 1)
+            spare -= more
+            feeds.append(seq.feed[:1 + more])
+        return feeds
 
     def _step(self) -> None:
         running = self._running
+        feeds = self._chunks(running)
+        ready = [len(f) == len(s.feed) for s, f in zip(running, feeds)]  # whole prompt (or a decode token) fed
         try:
-            result = self.runner.run(self._cache, [s.adapter for s in running], [s.feed for s in running],
+            result = self.runner.run(self._cache, [s.adapter for s in running], feeds,
                                      [s.past for s in running], [s.next_position for s in running])
-            tokens = choose([s.chooser for s in running], result.logits, [len(s.generated) for s in running])
+            sampled = [s for s, r in zip(running, ready) if r]  # a prompt still being fed draws no token
+            chosen = iter(choose([s.chooser for s in sampled], result.logits[torch.tensor(ready)],
+                                 [len(s.generated) for s in sampled]))
+            tokens = [next(chosen) if r else None for r in ready]
         except Exception as exc:  # a failed step fails its batch, never the worker
             log.exception("a step failed")
             message = f"the step failed: {type(exc).__name__}: {exc}"
@@ -338,13 +364,17 @@ class Engine:
             self._running = []
             self._cache = packed_cache()
             return
-        fed = sum(len(s.feed) for s in running)
+        fed = sum(len(f) for f in feeds)
         slots, positions = result.slots.tolist(), result.next_positions.tolist()
         now = time.monotonic()
         keep, events = [], []
-        for seq, token, n, position in zip(running, tokens, slots, positions):
+        for seq, token, n, position, chunk in zip(running, tokens, slots, positions, feeds):
             seq.past += n
             seq.next_position = position
+            if token is None:  # more of its prompt next step
+                seq.feed = seq.feed[len(chunk):]
+                keep.append(not seq.cancelled)
+                continue
             seq.generated.append(token)
             seq.feed = [token]
             if seq.first_token_at is None:
@@ -364,7 +394,7 @@ class Engine:
                 events.append((seq, Event([token], text, reason, prompt_tokens=len(seq.request.prompt_ids),
                                           completion_tokens=len(seq.generated))))
         self._send(events)
-        self.metrics.count_step(len(running), fed, len(running))
+        self.metrics.count_step(len(running), fed, sum(ready))
         if not all(keep):
             self._keep(keep, "finished")
 

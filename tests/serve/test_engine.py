@@ -91,6 +91,38 @@ def test_greedy_tokens_equal_each_request_run_alone_with_requests_joining_mid_ba
         engine.close()
 
 
+def test_prompts_longer_than_a_step_are_prefilled_in_chunks_and_equal_generate_alone(model):
+    # 12 slots a step: each prompt below takes several steps, beside requests already decoding
+    engine = Engine(model, base_name="base", max_batch_tokens=12)
+    real, step_slots = engine.runner.run, []
+
+    def run(*args):
+        result = real(*args)
+        step_slots.append(int(result.slots.sum()))  # soft-prompt slots included
+        return result
+
+    engine.runner.run = run
+    engine.start()
+    try:
+        g = torch.Generator().manual_seed(5)
+        runs = []
+        for name, L, n in [("lora", 3, 20), ("prefix", 30, 5), ("prompt", 25, 4), ("ptuning", 9, 6),
+                           ("bottleneck", 17, 3), ("base", 40, 4)]:
+            ids = torch.randint(3, 97, (L,), generator=g).tolist()
+            c = Collector()
+            engine.submit(_request(name, ids, n), c)
+            runs.append((name, ids, n, c))
+            if len(runs) == 1:
+                c.wait_tokens(2)  # the long prompts arrive while it decodes
+        for name, ids, n, c in runs:
+            assert c.done.wait(120) and c.reason == "length", (name, c.reason, c.error)
+            assert c.tokens == _alone(model, None if name == "base" else name, ids, n), name
+        assert max(step_slots) == 12 and len(step_slots) == engine.metrics.steps
+        assert engine.metrics.generation_tokens == sum(n for _, _, n, _ in runs)
+    finally:
+        engine.close()
+
+
 def test_seeded_sampling_repeats_and_stop_token_ids_end_a_request(model):
     engine = Engine(model, base_name="base").start()
     try:

@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+import torch
 
 from peft_kernels import MultiAdapterModel
 from peft_kernels.bench.serve import (Server, reference_tokens, send_all, tiny_llama, word_tokenizer, workload,
@@ -115,6 +116,14 @@ def test_64_concurrent_requests_over_6_adapters_and_base_lose_and_cross_nothing(
     assert not bad, f"requests {bad} differ from generate alone"
     assert _metric(server, "steps_total") - steps < sum(r["max_tokens"] for r in requests) / 4  # they were batched
     assert _metric(server, "running_requests") == 0 and _metric(server, "kv_cache_reserved_bytes") == 0
+
+
+def test_a_prompt_longer_than_a_step_is_prefilled_in_chunks(server, reference):
+    ids = torch.randint(3, 97, (700,), generator=torch.Generator().manual_seed(2)).tolist()  # steps take 512
+    r = _complete(server, model="prefix_b", prompt=ids, max_tokens=5, temperature=0, ignore_eos=True)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == reference_tokens(reference, [dict(
+        adapter="prefix_b", prompt=ids, max_tokens=5)])[0]
 
 
 def test_streaming_sends_each_token_as_it_comes_then_usage_and_done(server, reference):
