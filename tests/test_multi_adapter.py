@@ -203,7 +203,7 @@ def test_merge_and_unmerge_one_lora_adapter():
 def test_inference_chooses_the_lora_kernel_once_per_call_not_once_per_layer(peft_dirs, monkeypatch):
     import sys
 
-    ops = sys.modules["peft_kernels.ops.multi_lora"]
+    ops = sys.modules["peft_kernels.ops._dispatch"]
     model = _multi(peft_dirs).eval()
     calls = []
     real = ops.select

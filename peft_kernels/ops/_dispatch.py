@@ -165,18 +165,26 @@ _STATUS_CACHE: dict = {}
 _SELECTED: dict = {}
 
 
-def needs_registered(differentiable: tuple) -> bool:
-    """Must this call go through the registered op (autograd records it, or torch.compile traces)?"""
-    return torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable))
-
-
-def call(op: str, registered: Callable, args: tuple, device: torch.device, differentiable: tuple):
+def call(op: str, registered: Callable, args: tuple, device: torch.device, differentiable: tuple,
+         memo: Optional[dict] = None, key: tuple = ()):
     """Run a forward op: straight on the selected kernel when nothing needs autograd (eager
-    inference: no custom-op dispatch cost), else through the registered op (autograd, compile)."""
-    if needs_registered(differentiable):
+    inference: no custom-op dispatch cost), else through the registered op (autograd, compile).
+
+    ``memo`` (a dict that lives in one model call) keeps the kernel chosen for ``(op, device,
+    *key)``, where ``key`` holds what the kernels' ``supports`` checks read: the call's later
+    layers then skip the choice.
+    """
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    ):
         return registered(*args)
-    return select(op, device, *args)[1](*args)
+    if memo is None:
+        return select(op, device, *args)[1](*args)
+    memo_key = (op, device, *key)
+    kernel = memo.get(memo_key)
+    if kernel is None:
+        kernel = memo[memo_key] = select(op, device, *args)[1]
+    return kernel(*args)
 
 
 def _has_bf16(args: tuple) -> bool:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks as C
-from ._dispatch import call, needs_registered, register_autograd, register, register_native, select
+from ._dispatch import call, register_autograd, register, register_native, select
 
 
 @torch.library.custom_op("peft_kernels::multi_lora", mutates_args=())
@@ -136,18 +136,12 @@ def multi_lora_rows(x: Tensor, lora_a: Tensor, lora_b: Tensor, adapter_index: Op
 
     Shapes: x [N, H_in], adapter_index [N] or None, scaling [T] float32, base [N, H_out] or None.
     Semantics: the same op; the per-layer entry point of the LoRA method layer. ``kernels`` is a
-    memo that lives in one model call ({(N, dtype, device): kernel}): the layers of that call then
-    choose the backend once, not once each (eager inference only; autograd and torch.compile go
-    through the registered op).
+    memo that lives in one model call (``call``'s): the layers of that call then choose the
+    backend once, not once each (eager inference only; autograd and torch.compile go through the
+    registered op).
     """
     args = (x, lora_a, lora_b, adapter_index, scaling, ranks, base)
-    if kernels is None or needs_registered((x, lora_a, lora_b, base)):
-        return call("multi_lora", _lora_op, args, x.device, (x, lora_a, lora_b, base))
-    key = (x.shape[0], x.dtype, x.device)
-    kernel = kernels.get(key)
-    if kernel is None:
-        kernel = kernels[key] = select("multi_lora", x.device, *args)[1]
-    return kernel(*args)
+    return call("multi_lora", _lora_op, args, x.device, (x, lora_a, lora_b, base), kernels, (x.shape[0], x.dtype))
 
 
 def _check(x, lora_a, lora_b, adapter_index, scaling, ranks, base) -> None:

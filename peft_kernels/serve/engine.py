@@ -351,8 +351,9 @@ class Engine:
             result = self.runner.run(self._cache, [s.adapter for s in running], feeds,
                                      [s.past for s in running], [s.next_position for s in running])
             sampled = [s for s, r in zip(running, ready) if r]  # a prompt still being fed draws no token
-            chosen = iter(choose([s.chooser for s in sampled], result.logits[torch.tensor(ready)],
-                                 [len(s.generated) for s in sampled]))
+            logits = result.logits if len(sampled) == len(running) else \
+                result.logits[torch.tensor(ready, device=result.logits.device)]
+            chosen = iter(choose([s.chooser for s in sampled], logits, [len(s.generated) for s in sampled]))
             tokens = [next(chosen) if r else None for r in ready]
         except Exception as exc:  # a failed step fails its batch, never the worker
             log.exception("a step failed")
