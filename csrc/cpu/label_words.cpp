@@ -7,6 +7,7 @@
 // only BLAS's own blocking of a tile product may round differently); at::parallel_for runs the
 // groups, each holding one [N, tile] logits block at a time, and the groups' partial results are
 // combined in group order. No [N, V] tensor is ever allocated.
+#include "direct_call.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -252,3 +253,6 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("label_word_logits_fwd", &peft_kernels::label_word_logits_fwd_cpu);
   m.impl("label_word_logits_bwd", &peft_kernels::label_word_logits_bwd_cpu);
 }
+
+PK_DIRECT_CALL(label_word_logits_fwd, peft_kernels::label_word_logits_fwd_cpu);
+PK_DIRECT_CALL(label_word_logits_bwd, peft_kernels::label_word_logits_bwd_cpu);

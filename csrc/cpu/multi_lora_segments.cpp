@@ -16,6 +16,7 @@
 // of grad_h are read, and only the rows of each adapter: nothing of an unused adapter, of the rank
 // padding or of a row without an adapter reaches a result, even NaN or Inf.
 #include "../multi_lora.h"
+#include "direct_call.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -486,3 +487,9 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("lora_expand_fwd", &peft_kernels::lora_expand_fwd_cpu);
   m.impl("lora_expand_bwd", &peft_kernels::lora_expand_bwd_cpu);
 }
+
+PK_DIRECT_CALL(multi_lora_bwd, peft_kernels::multi_lora_bwd_cpu);
+PK_DIRECT_CALL(lora_shrink_fwd, peft_kernels::lora_shrink_fwd_cpu);
+PK_DIRECT_CALL(lora_shrink_bwd, peft_kernels::lora_shrink_bwd_cpu);
+PK_DIRECT_CALL(lora_expand_fwd, peft_kernels::lora_expand_fwd_cpu);
+PK_DIRECT_CALL(lora_expand_bwd, peft_kernels::lora_expand_bwd_cpu);

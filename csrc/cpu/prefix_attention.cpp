@@ -16,6 +16,7 @@
 // probabilities and rowsum(dO * O) are those of the whole softmax; dq sums the parts, and each
 // entry's prefix grads sum its rows (a fixed-order reduction: deterministic).
 #include "prefix_host_args.h"
+#include "direct_call.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -421,3 +422,6 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("prefix_attention_fwd", &peft_kernels::prefix_attention_fwd_cpu);
   m.impl("prefix_attention_bwd", &peft_kernels::prefix_attention_bwd_cpu);
 }
+
+PK_DIRECT_CALL(prefix_attention_fwd, peft_kernels::prefix_attention_fwd_cpu);
+PK_DIRECT_CALL(prefix_attention_bwd, peft_kernels::prefix_attention_bwd_cpu);

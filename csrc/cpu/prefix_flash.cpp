@@ -14,6 +14,7 @@
 // afterwards (deterministic).
 #include "prefix_flash_core.h"
 #include "prefix_host_args.h"
+#include "direct_call.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -258,3 +259,6 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("prefix_flash_fwd", &peft_kernels::prefix_flash_fwd_cpu);
   m.impl("prefix_flash_bwd", &peft_kernels::prefix_flash_bwd_cpu);
 }
+
+PK_DIRECT_CALL(prefix_flash_fwd, peft_kernels::prefix_flash_fwd_cpu);
+PK_DIRECT_CALL(prefix_flash_bwd, peft_kernels::prefix_flash_bwd_cpu);

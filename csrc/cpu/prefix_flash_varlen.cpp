@@ -16,6 +16,7 @@
 // (deterministic). Tasks are handed out longest first to whichever thread is free.
 #include "prefix_flash_core.h"
 #include "prefix_host_args.h"
+#include "direct_call.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -335,3 +336,6 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("prefix_flash_varlen_fwd", &peft_kernels::prefix_flash_varlen_fwd_cpu);
   m.impl("prefix_flash_varlen_bwd", &peft_kernels::prefix_flash_varlen_bwd_cpu);
 }
+
+PK_DIRECT_CALL(prefix_flash_varlen_fwd, peft_kernels::prefix_flash_varlen_fwd_cpu);
+PK_DIRECT_CALL(prefix_flash_varlen_bwd, peft_kernels::prefix_flash_varlen_bwd_cpu);

@@ -1,5 +1,7 @@
-// peft_kernels._C: op schemas, their CPU kernels, and build_info().
+// peft_kernels._C: op schemas, their CPU kernels, the plain-function entries of the kernels (direct_call.h)
+// and build_info().
 #include "../multi_lora.h"
+#include "direct_call.h"
 
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -20,6 +22,17 @@ TORCH_LIBRARY_FRAGMENT(peft_kernels, m) {
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("multi_lora_fwd", &peft_kernels::multi_lora_fwd_cpu);
 }
+
+PK_DIRECT_CALL(multi_lora_fwd, peft_kernels::multi_lora_fwd_cpu);
+
+namespace peft_kernels {
+
+std::vector<DirectBinder>& direct_binders() {
+  static std::vector<DirectBinder> binders;
+  return binders;
+}
+
+}  // namespace peft_kernels
 
 namespace {
 
@@ -51,4 +64,5 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "peft_kernels C++ (CPU) ops; importing this module registers them with torch.ops.peft_kernels";
   m.def("build_info", &build_info, "How this extension was built");
+  for (const peft_kernels::DirectBinder bind : peft_kernels::direct_binders()) bind(m);
 }

@@ -2,6 +2,7 @@
 // soft_prompt_backward.cpp). Arguments and results are those of the reference functions of the same
 // name in peft_kernels.reference, so peft_kernels.ops registers them as its "cpp" backend directly.
 #include "../soft_prompt_embed.h"
+#include "direct_call.h"
 
 #include <torch/library.h>
 
@@ -26,3 +27,8 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("soft_prompt_embed_bwd", &peft_kernels::soft_prompt_embed_bwd_cpu);
   m.impl("soft_prompt_concat_bwd", &peft_kernels::soft_prompt_concat_bwd_cpu);
 }
+
+PK_DIRECT_CALL(soft_prompt_embed_fwd, peft_kernels::soft_prompt_embed_fwd_cpu);
+PK_DIRECT_CALL(soft_prompt_concat_fwd, peft_kernels::soft_prompt_concat_fwd_cpu);
+PK_DIRECT_CALL(soft_prompt_embed_bwd, peft_kernels::soft_prompt_embed_bwd_cpu);
+PK_DIRECT_CALL(soft_prompt_concat_bwd, peft_kernels::soft_prompt_concat_bwd_cpu);

@@ -15,6 +15,7 @@
 //   the ids), every row written once (zeros for unused ids): no atomics, no memset pass;
 // - dembeds: a gather of the token rows of grad_out.
 #include "soft_prompt_common.h"
+#include "direct_call.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -399,3 +400,8 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("soft_prompt_embed_varlen_bwd", &peft_kernels::soft_prompt_embed_varlen_bwd_cpu);
   m.impl("soft_prompt_concat_varlen_bwd", &peft_kernels::soft_prompt_concat_varlen_bwd_cpu);
 }
+
+PK_DIRECT_CALL(soft_prompt_embed_varlen_fwd, peft_kernels::soft_prompt_embed_varlen_fwd_cpu);
+PK_DIRECT_CALL(soft_prompt_concat_varlen_fwd, peft_kernels::soft_prompt_concat_varlen_fwd_cpu);
+PK_DIRECT_CALL(soft_prompt_embed_varlen_bwd, peft_kernels::soft_prompt_embed_varlen_bwd_cpu);
+PK_DIRECT_CALL(soft_prompt_concat_varlen_bwd, peft_kernels::soft_prompt_concat_varlen_bwd_cpu);

@@ -55,13 +55,19 @@ def register(op: str, backend: str, fn: Callable, supports: Optional[Callable[..
 
 def register_native(op: str, native: str, supports: Optional[Callable[..., Optional[str]]] = None) -> None:
     """Register ``torch.ops.peft_kernels.<native>`` as the ``cpp`` and/or ``cuda`` kernel of
-    ``op`` for each device its compiled extension has a kernel for (nothing when not built)."""
+    ``op`` for each device its compiled extension has a kernel for (nothing when not built).
+
+    The ``cpp`` kernel is the extension's plain function ``peft_kernels._C.<native>`` (the same C++
+    kernel without torch.ops' boxed dispatch, csrc/cpu/direct_call.h); callers hand it plain CPU
+    tensors only (inside the registered op, or :func:`call`'s eager path)."""
     qualified = f"peft_kernels::{native}"
     if not _ext.CPU.loaded or not hasattr(torch.ops.peft_kernels, native):
         return
+    packet = getattr(torch.ops.peft_kernels, native)
     for backend, ext, key in (("cpp", _ext.CPU, "CPU"), ("cuda", _ext.CUDA, "CUDA")):
         if ext.loaded and torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key):
-            register(op, backend, getattr(torch.ops.peft_kernels, native), supports)
+            fn = getattr(_ext.CPU.module, native, packet) if backend == "cpp" else packet
+            register(op, backend, fn, supports)
 
 
 def kernels(op: str) -> dict[str, Kernel]:
@@ -160,6 +166,7 @@ def _usable(device_type: str) -> dict[str, tuple[bool, str]]:
 
 
 _STATUS_CACHE: dict = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 # (op, device type, forced, interpreting, extensions) -> the usable kernels in preference order
 # (cleared whenever a kernel is registered).
 _SELECTED: dict = {}
@@ -168,22 +175,26 @@ _SELECTED: dict = {}
 def call(op: str, registered: Callable, args: tuple, device: torch.device, differentiable: tuple,
          memo: Optional[dict] = None, key: tuple = ()):
     """Run a forward op: straight on the selected kernel when nothing needs autograd (eager
-    inference: no custom-op dispatch cost), else through the registered op (autograd, compile).
+    inference on plain tensors: no custom-op dispatch cost), else through the registered op
+    (autograd, torch.compile, a dispatch mode such as FakeTensorMode, tensor subclasses).
 
     ``memo`` (a dict that lives in one model call) keeps the kernel chosen for ``(op, device,
-    *key)``, where ``key`` holds what the kernels' ``supports`` checks read: the call's later
-    layers then skip the choice.
+    *key)``, where ``key`` holds what the kernels' ``supports`` checks read, when grad mode is off
+    (nothing in the call can then need autograd): the call's later layers run it at once.
     """
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-    ):
+    memo_key = None
+    if memo is not None:
+        memo_key = (op, device, *key)
+        kernel = memo.get(memo_key)
+        if kernel is not None:
+            return kernel(*args)
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or any(t is not None and type(t) not in _PLAIN for t in differentiable)
+            or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)):
         return registered(*args)
-    if memo is None:
-        return select(op, device, *args)[1](*args)
-    memo_key = (op, device, *key)
-    kernel = memo.get(memo_key)
-    if kernel is None:
-        kernel = memo[memo_key] = select(op, device, *args)[1]
+    kernel = select(op, device, *args)[1]
+    if memo_key is not None and not torch.is_grad_enabled():
+        memo[memo_key] = kernel
     return kernel(*args)
 
 

@@ -97,3 +97,44 @@ def test_info_reports_every_backend_with_reason():
             assert isinstance(ok, bool) and why
     assert data["backends"]["cpu"]["reference"][0] and data["backends"]["cpu"]["cpp"][0]
     assert "soft_prompt_embed" in data["kernels"]["cpp"]
+
+
+def _lora_args(T=3, N=5, H=8, R=4):
+    g = torch.Generator().manual_seed(0)
+    x, base = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
+    a, b = torch.randn(T, R, H, generator=g), torch.randn(T, H, R, generator=g)
+    index = torch.tensor([0, 2, -1, 1, 2], dtype=torch.int32)
+    return x, a, b, index, torch.rand(T, generator=g), torch.tensor([4, 1, 3], dtype=torch.int32), base
+
+
+def test_every_native_cpu_kernel_has_a_plain_function_and_cpp_runs_it():
+    natives = [n for n in dir(torch.ops.peft_kernels) if n.endswith(("_fwd", "_bwd"))
+               and torch._C._dispatch_has_kernel_for_dispatch_key(f"peft_kernels::{n}", "CPU")]
+    assert natives
+    missing = [n for n in natives if not callable(getattr(_ext.CPU.module, n, None))]
+    assert not missing, f"CPU kernels without a plain function in peft_kernels._C (PK_DIRECT_CALL): {missing}"
+    assert _dispatch.kernels("multi_lora")["cpp"].fn is _ext.CPU.module.multi_lora_fwd
+    args = _lora_args()
+    torch.testing.assert_close(_ext.CPU.module.multi_lora_fwd(*args), torch.ops.peft_kernels.multi_lora_fwd(*args),
+                               rtol=0, atol=0)
+
+
+def test_the_plain_function_raises_the_kernels_message_without_a_cpp_backtrace():
+    x, a, b, index, scaling, ranks, base = _lora_args()
+    with pytest.raises(RuntimeError, match=r"adapter_index\[1\] = 7 is out of range") as err:
+        _ext.CPU.module.multi_lora_fwd(x, a, b, torch.tensor([0, 7, 0, 0, 0], dtype=torch.int32), scaling, ranks,
+                                       base)
+    assert "Exception raised from" not in str(err.value)
+
+
+def test_eager_inference_under_a_dispatch_mode_goes_through_the_registered_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _lora_args()
+    want = pk.multi_lora(*args[:5], ranks=args[5], base=args[6])
+    with torch.inference_mode():
+        torch.testing.assert_close(pk.multi_lora(*args[:5], ranks=args[5], base=args[6]), want)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(t) for t in args]
+            out = pk.multi_lora(*fake[:5], ranks=fake[5], base=fake[6], validate=False)
+    assert out.shape == want.shape and type(out).__name__ == "FakeTensor"
