@@ -219,3 +219,24 @@ def test_inference_chooses_the_lora_kernel_once_per_call_not_once_per_layer(peft
             ref = model(ids, adapter_names=names).logits
         assert pk.last_backend("multi_lora") == "reference"
         assert torch.allclose(model(ids, adapter_names=names).logits, ref, atol=1e-5)
+
+
+def test_inference_runs_the_first_lora_layer_through_the_op_and_the_others_straight_on_its_kernel(peft_dirs,
+                                                                                                   monkeypatch):
+    import sys
+
+    lora = sys.modules["peft_kernels.methods.lora"]
+    model = _multi(peft_dirs).eval()
+    calls = []
+    real = lora.multi_lora_rows
+    monkeypatch.setattr(lora, "multi_lora_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layers = [m for m in model.modules() if isinstance(m, lora.LoraLinear)]
+    ids = torch.randint(3, 97, (3, 5))
+    names = ["lora_qv", "lora_all", None]
+    with torch.no_grad():
+        fast = model(ids, adapter_names=names).logits
+    assert len(layers) > 1 and len(calls) == 1
+    with torch.enable_grad():  # autograd: every layer through the registered op
+        slow = model(ids, adapter_names=names).logits
+    assert len(calls) == 1 + len(layers) and slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)

@@ -143,9 +143,9 @@ void read_rows(const index_t* index, int64_t N, int64_t T, int64_t* row_t) {
   }
 }
 
-std::vector<int64_t> read_int64(const at::Tensor& t) {
+void read_int64(const at::Tensor& t, std::vector<int64_t>& out) {
   const at::Tensor c = t.contiguous();
-  std::vector<int64_t> out(c.numel());
+  out.resize(c.numel());
   if (c.scalar_type() == at::kInt) {
     const int32_t* p = c.const_data_ptr<int32_t>();
     std::copy(p, p + c.numel(), out.begin());
@@ -153,7 +153,18 @@ std::vector<int64_t> read_int64(const at::Tensor& t) {
     const int64_t* p = c.const_data_ptr<int64_t>();
     std::copy(p, p + c.numel(), out.begin());
   }
-  return out;
+}
+
+// The host side's arrays, one set per calling thread and reused: a decode-sized call allocates
+// nothing but its output.
+struct HostScratch {
+  std::vector<int64_t> rank, row_t, start, order, fill, cost;
+  std::vector<LoraItem> items;
+};
+
+HostScratch& host_scratch() {
+  thread_local HostScratch s;
+  return s;
 }
 
 template <typename S>
@@ -162,15 +173,21 @@ void run(const MultiLoraShape& s, const at::Tensor& x, const at::Tensor& a, cons
          const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& base, at::Tensor& out) {
   using acc_t = typename LoraJob<S>::acc_t;
   const int64_t N = s.N, T = s.T, R = s.R;
+  HostScratch& h = host_scratch();
 
-  std::vector<int64_t> rank = ranks.has_value() ? read_int64(*ranks) : std::vector<int64_t>(T, R);
+  std::vector<int64_t>& rank = h.rank;
+  if (ranks.has_value()) read_int64(*ranks, rank);
+  else rank.assign(T, R);
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(rank[t] >= 0 && rank[t] <= R, "multi_lora_fwd: ranks[", t, "] = ", rank[t], " is out of range [0, ",
                 R, "]");
-  const at::Tensor scale = scaling.to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
+  const auto acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  const at::Tensor scale =
+      scaling.scalar_type() == acc_type && scaling.is_contiguous() ? scaling : scaling.to(acc_type).contiguous();
 
   // Row -> adapter (T: no adapter), then a stable counting sort by adapter.
-  std::vector<int64_t> row_t(N);
+  std::vector<int64_t>& row_t = h.row_t;
+  row_t.resize(N);
   if (adapter_index.has_value()) {
     const at::Tensor idx = adapter_index->contiguous();
     if (idx.scalar_type() == at::kInt) read_rows(idx.const_data_ptr<int32_t>(), N, T, row_t.data());
@@ -178,19 +195,25 @@ void run(const MultiLoraShape& s, const at::Tensor& x, const at::Tensor& a, cons
   } else {
     for (int64_t n = 0; n < N; ++n) row_t[n] = n * s.none_index_stride;
   }
-  std::vector<int64_t> start(T + 2, 0);
+  std::vector<int64_t>& start = h.start;
+  start.assign(T + 2, 0);
   for (int64_t n = 0; n < N; ++n) {
     int64_t& t = row_t[n];
     if (t < 0 || rank[t] == 0) t = T;
     ++start[t + 1];
   }
   for (int64_t t = 0; t <= T; ++t) start[t + 1] += start[t];
-  std::vector<int64_t> order(N), fill(start.begin(), start.end() - 1);
+  std::vector<int64_t>& order = h.order;
+  std::vector<int64_t>& fill = h.fill;
+  order.resize(N);
+  fill.assign(start.begin(), start.end() - 1);
   for (int64_t n = 0; n < N; ++n) order[fill[row_t[n]]++] = n;
 
   // Work items and their approximate cost (multiply-adds, plus one adapter's packing).
-  std::vector<LoraItem> items;
-  std::vector<int64_t> cost;
+  std::vector<LoraItem>& items = h.items;
+  std::vector<int64_t>& cost = h.cost;
+  items.clear();
+  cost.clear();
   const int64_t width = s.H_in + s.H_out;
   for (int64_t t = 0; t <= T; ++t) {
     const int64_t rows = start[t + 1] - start[t];

@@ -16,20 +16,23 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
-from ..ops.multi_lora import multi_lora_rows
+from ..ops.multi_lora import chosen_kernel, multi_lora_rows
 from .selection import name_matches
 
 
 class _Route:
     """One call's routing: the slot index, its per-token expansions (built once per length) and
-    the LoRA kernel its layers run on (chosen by the first layer: ``multi_lora_rows``' memo)."""
+    the LoRA kernel its layers run on (chosen by the first layer: ``multi_lora_rows``' memo).
+    ``eager`` = (rows, dtype, on CUDA, kernel) once a layer's rows went straight to a kernel (no
+    autograd): later layers with such rows call it directly."""
 
-    __slots__ = ("index", "per_token", "kernels")
+    __slots__ = ("index", "per_token", "kernels", "eager")
 
     def __init__(self, index: Optional[Tensor]):
         self.index = index
         self.per_token: dict[int, Tensor] = {}
         self.kernels: dict = {}
+        self.eager: Optional[tuple] = None
 
 
 _NO_ROUTE = _Route(None)
@@ -239,8 +242,8 @@ class LoraLinear(nn.Module):
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is merged into this layer; unmerge before routing rows")
         dtype = lora_a.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        y2 = y.reshape(-1, y.shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y2 = y if y.dim() == 2 else y.reshape(-1, y.shape[-1])
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
         if y2.dtype != dtype:
@@ -251,12 +254,19 @@ class LoraLinear(nn.Module):
             x2 = self._row_dropout(x2, index)
         buffers = self._buffers
         args = (x2, lora_a, self._parameters["lora_B"], index, buffers["scaling"], buffers["ranks"], y2)
-        if self.sharding is None:
-            out = multi_lora_rows(*args, kernels=route.kernels)
-        else:
+        eager = route.eager
+        if self.sharding is not None:
             out = self.sharding.forward(*args)
-        out = out.view_as(y)
-        return out if out.dtype == y.dtype else out.to(y.dtype)
+        elif eager is not None and eager[0] == x2.shape[0] and eager[1] is dtype and eager[2] is x2.is_cuda:
+            out = eager[3](*args)
+        else:
+            out = multi_lora_rows(*args, kernels=route.kernels)
+            kernel = chosen_kernel(route.kernels, x2)
+            if eager is None and kernel is not None:
+                route.eager = (x2.shape[0], dtype, x2.is_cuda, kernel)
+        if out.dtype != y.dtype:
+            out = out.to(y.dtype)
+        return out if y.dim() == 2 else out.view(y.shape)
 
 
 _GLOBAL_HOOKS = (_module_hooks._global_forward_pre_hooks, _module_hooks._global_forward_hooks,
@@ -269,7 +279,8 @@ def _base_forward(base: nn.Module, x: Tensor) -> Tensor:
     params = base._parameters
     if (type(base) is nn.Linear and type(params["weight"]) is nn.Parameter and "forward" not in base.__dict__
             and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks
-                     or base._backward_hooks or any(_GLOBAL_HOOKS))):
+                     or base._backward_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2]
+                     or _GLOBAL_HOOKS[3])):
         return nn.functional.linear(x, params["weight"], params["bias"])
     return base(x)
 

@@ -5,7 +5,7 @@ each adapter's gradient sums over its own rows only.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -142,6 +142,15 @@ def multi_lora_rows(x: Tensor, lora_a: Tensor, lora_b: Tensor, adapter_index: Op
     """
     args = (x, lora_a, lora_b, adapter_index, scaling, ranks, base)
     return call("multi_lora", _lora_op, args, x.device, (x, lora_a, lora_b, base), kernels, (x.shape[0], x.dtype))
+
+
+def chosen_kernel(kernels: dict, x: Tensor) -> Optional[Callable]:
+    """The kernel :func:`multi_lora_rows` ran rows like ``x`` [N, H_in] (same N, dtype, device) on
+    directly in the call that owns the memo ``kernels``; None when it went through the registered op.
+
+    Semantics: a caller that gets a kernel may call it with the same arguments as
+    ``multi_lora_rows`` for the rest of that call (nothing there needs autograd)."""
+    return kernels.get(("multi_lora", x.device, x.shape[0], x.dtype))
 
 
 def _check(x, lora_a, lora_b, adapter_index, scaling, ranks, base) -> None:
