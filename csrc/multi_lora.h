@@ -154,4 +154,11 @@ at::Tensor multi_lora_fwd_cpu(const at::Tensor& x, const at::Tensor& lora_a, con
                               const std::optional<at::Tensor>& adapter_index, const at::Tensor& scaling,
                               const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& base);
 
+// base += the LoRA term, in place (base [N, H_out] contiguous, x's dtype); returns base. A plain function
+// only (peft_kernels._C.multi_lora_add_, no dispatcher op): eager inference adds into the base layer's
+// fresh output.
+at::Tensor multi_lora_add_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                              const std::optional<at::Tensor>& adapter_index, const at::Tensor& scaling,
+                              const std::optional<at::Tensor>& ranks, at::Tensor base);
+
 }  // namespace peft_kernels

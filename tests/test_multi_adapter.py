@@ -240,3 +240,39 @@ def test_inference_runs_the_first_lora_layer_through_the_op_and_the_others_strai
         slow = model(ids, adapter_names=names).logits
     assert len(calls) == 1 + len(layers) and slow.requires_grad
     torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+
+
+def test_the_direct_lora_path_still_runs_hooks_on_the_base_layers(peft_dirs):
+    import sys
+
+    lora = sys.modules["peft_kernels.methods.lora"]
+    model = _multi(peft_dirs).eval()
+    layers = [m for m in model.modules() if isinstance(m, lora.LoraLinear)]
+    ids = torch.randint(3, 97, (3, 5))
+    names = ["lora_qv", "lora_all", None]
+    with torch.no_grad():
+        want = model(ids, adapter_names=names).logits
+        seen = []
+        handle = layers[-1].base.register_forward_hook(lambda m, args, out: seen.append(1) or out * 2)
+        try:
+            got = model(ids, adapter_names=names).logits
+        finally:
+            handle.remove()
+    assert seen == [1]  # the last LoRA layer's base ran as a module, with its hook
+    assert not torch.allclose(got, want)  # ... and its doubled output reached the logits
+
+
+def test_multi_lora_add_adds_in_place_what_multi_lora_fwd_returns():
+    from peft_kernels import _ext
+
+    g = torch.Generator().manual_seed(1)
+    x, base = torch.randn(7, 12, generator=g), torch.randn(7, 12, generator=g)
+    a, b = torch.randn(3, 5, 12, generator=g), torch.randn(3, 12, 5, generator=g)
+    index, scaling = torch.tensor([0, 2, -1, 1, 2, 0, -1], dtype=torch.int32), torch.rand(3, generator=g)
+    ranks = torch.tensor([5, 1, 3], dtype=torch.int32)
+    want = _ext.CPU.module.multi_lora_fwd(x, a, b, index, scaling, ranks, base)
+    target = base.clone()
+    assert _ext.CPU.module.multi_lora_add_(x, a, b, index, scaling, ranks, target) is target
+    torch.testing.assert_close(target, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _ext.CPU.module.multi_lora_add_(x, a, b, index, scaling, ranks, base.t().contiguous().t())

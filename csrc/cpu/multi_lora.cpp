@@ -291,4 +291,17 @@ at::Tensor multi_lora_fwd_cpu(const at::Tensor& x, const at::Tensor& lora_a, con
   return out;
 }
 
+at::Tensor multi_lora_add_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                              const std::optional<at::Tensor>& adapter_index, const at::Tensor& scaling,
+                              const std::optional<at::Tensor>& ranks, at::Tensor base) {
+  const MultiLoraShape s = check_multi_lora(x, lora_a, lora_b, adapter_index, scaling, ranks, base, c10::kCPU);
+  TORCH_CHECK(base.is_contiguous(), "multi_lora_add_: base must be contiguous (it is written in place)");
+  if (base.numel() == 0) return base;
+  const at::Tensor xc = x.contiguous(), ac = lora_a.contiguous(), bc = lora_b.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_add_", [&] {
+    run<scalar_t>(s, xc, ac, bc, adapter_index, scaling, ranks, base, base);
+  });
+  return base;
+}
+
 }  // namespace peft_kernels

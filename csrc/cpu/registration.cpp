@@ -24,6 +24,7 @@ TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
 }
 
 PK_DIRECT_CALL(multi_lora_fwd, peft_kernels::multi_lora_fwd_cpu);
+PK_DIRECT_CALL(multi_lora_add_, peft_kernels::multi_lora_add_cpu);
 
 namespace peft_kernels {
 

@@ -16,15 +16,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
-from ..ops.multi_lora import chosen_kernel, multi_lora_rows
+from ..ops.multi_lora import chosen_kernel, in_place_kernel, multi_lora_rows
 from .selection import name_matches
 
 
 class _Route:
     """One call's routing: the slot index, its per-token expansions (built once per length) and
     the LoRA kernel its layers run on (chosen by the first layer: ``multi_lora_rows``' memo).
-    ``eager`` = (rows, dtype, on CUDA, kernel) once a layer's rows went straight to a kernel (no
-    autograd): later layers with such rows call it directly."""
+    ``eager`` = (rows, dtype, on CUDA, kernel, its in-place form or None) once a layer's rows went
+    straight to a kernel (no autograd): later layers with such rows call it directly."""
 
     __slots__ = ("index", "per_token", "kernels", "eager")
 
@@ -233,12 +233,32 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Called per layer and step: submodules, parameters and buffers are read from their dicts
         # (nn.Module.__getattr__ costs ~0.4 us each), and no-op casts and views by shape are skipped.
-        y = _base_forward(self._modules["base"], x)
+        base = self._modules["base"]
         route = self.routing._current.get()
         index = route.index
         lora_a = self._parameters["lora_A"]
         if index is None or lora_a.shape[0] == 0:
-            return y
+            return _base_forward(base, x)
+        eager = route.eager
+        if (eager is not None and x.dtype is eager[1] and lora_a.dtype is eager[1] and self.merged is None
+                and self.sharding is None and not self.training and _plain_linear(base)):
+            # Inference after the call's first LoRA layer: base GEMM, then the LoRA term added into
+            # its fresh output in place, on the kernel that layer chose.
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] == eager[0] == index.shape[0] and x2.is_cuda is eager[2]:
+                params, buffers = base._parameters, self._buffers
+                y = nn.functional.linear(x, params["weight"], params["bias"])
+                args = (x2, lora_a, self._parameters["lora_B"], index, buffers["scaling"], buffers["ranks"],
+                        y.view(-1, y.shape[-1]))
+                if eager[4] is not None:
+                    eager[4](*args)
+                    return y
+                return eager[3](*args).view(y.shape)
+        return self._forward(x, _base_forward(base, x), route, index, lora_a)
+
+    def _forward(self, x: Tensor, y: Tensor, route: _Route, index: Tensor, lora_a: Tensor) -> Tensor:
+        """``y`` (base(x)) plus the LoRA term of each row; the general path (autograd, sharding,
+        dropout, casts, per-sequence indices) that also picks the call's kernel for ``route.eager``."""
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is merged into this layer; unmerge before routing rows")
         dtype = lora_a.dtype
@@ -263,7 +283,7 @@ class LoraLinear(nn.Module):
             out = multi_lora_rows(*args, kernels=route.kernels)
             kernel = chosen_kernel(route.kernels, x2)
             if eager is None and kernel is not None:
-                route.eager = (x2.shape[0], dtype, x2.is_cuda, kernel)
+                route.eager = (x2.shape[0], dtype, x2.is_cuda, kernel, in_place_kernel(kernel))
         if out.dtype != y.dtype:
             out = out.to(y.dtype)
         return out if y.dim() == 2 else out.view(y.shape)
@@ -274,15 +294,22 @@ _GLOBAL_HOOKS = (_module_hooks._global_forward_pre_hooks, _module_hooks._global_
 
 
 def _base_forward(base: nn.Module, x: Tensor) -> Tensor:
-    """``base(x)``; a plain ``nn.Linear`` (no hooks, no forward of its own, plain tensor weights: not a
-    tensor-parallel DTensor layer) runs as ``F.linear``, without the module-call frames."""
-    params = base._parameters
-    if (type(base) is nn.Linear and type(params["weight"]) is nn.Parameter and "forward" not in base.__dict__
-            and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks
-                     or base._backward_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2]
-                     or _GLOBAL_HOOKS[3])):
+    """``base(x)``; a plain ``nn.Linear`` (:func:`_plain_linear`) runs as ``F.linear``, without the
+    module-call frames."""
+    if _plain_linear(base):
+        params = base._parameters
         return nn.functional.linear(x, params["weight"], params["bias"])
     return base(x)
+
+
+def _plain_linear(base: nn.Module) -> bool:
+    """Is ``base(x)`` exactly ``F.linear(x, weight, bias)``: a plain ``nn.Linear`` (no hooks, no forward of
+    its own) with a plain tensor weight (not a tensor-parallel DTensor)?"""
+    return (type(base) is nn.Linear and type(base._parameters["weight"]) is nn.Parameter
+            and "forward" not in base.__dict__
+            and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks
+                     or base._backward_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2]
+                     or _GLOBAL_HOOKS[3]))
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import _ext, reference
 from . import _checks as C
 from ._dispatch import call, register_autograd, register, register_native, select
 
@@ -151,6 +151,18 @@ def chosen_kernel(kernels: dict, x: Tensor) -> Optional[Callable]:
     Semantics: a caller that gets a kernel may call it with the same arguments as
     ``multi_lora_rows`` for the rest of that call (nothing there needs autograd)."""
     return kernels.get(("multi_lora", x.device, x.shape[0], x.dtype))
+
+
+def in_place_kernel(kernel: Callable) -> Optional[Callable]:
+    """The form of ``kernel`` (a multi_lora backend's) that adds the LoRA term into ``base`` in place
+    and returns it (same arguments; base [N, H_out] contiguous, x's dtype), or None if it has none.
+
+    Semantics: only the C++ CPU kernel has one (``peft_kernels._C.multi_lora_add_``); for the
+    caller that owns ``base`` (a base layer's fresh output), it saves the output allocation."""
+    ext = _ext.CPU.module
+    if ext is not None and kernel is getattr(ext, "multi_lora_fwd", None):
+        return getattr(ext, "multi_lora_add_", None)
+    return None
 
 
 def _check(x, lora_a, lora_b, adapter_index, scaling, ranks, base) -> None:
