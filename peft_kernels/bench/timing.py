@@ -40,7 +40,10 @@ class Timer:
     each call, L2 flushed between calls; warm-up ``warmup`` ms, measurement ``rep`` ms), or a CUDA
     event loop if triton is missing. CPU (:meth:`interleaved`): after three warm-up calls each, a
     sample is a block of calls lasting about ``cpu_sample_s``; the sides take turns, one sample
-    each per round, for ``cpu_samples`` (>= 7) rounds; all of torch's threads.
+    each per round, for ``cpu_samples`` (>= 7) rounds; all of torch's threads. Each sample follows
+    a third as many untimed calls of the same side: right after another side's sample, a model's
+    first calls (measured: about ten decode steps of a 4-layer Llama on a 2-core VM) run slower
+    while the caches refill with its own weights, which no user running one of them pays.
     """
 
     def __init__(self, device: torch.device, quick: bool, cpu_samples: Optional[int] = None,
@@ -57,8 +60,8 @@ class Timer:
             return (f"CUDA events via triton.testing.do_bench(warmup={self.warmup_ms} ms, rep={self.rep_ms} ms, "
                     "L2 flushed between runs), median and IQR of the runs")
         return (f"CPU wall clock, the compared implementations interleaved: {self.cpu_samples} rounds of one "
-                f"~{self.cpu_sample_s * 1e3:.0f} ms sample each (num_threads={torch.get_num_threads()}), median "
-                "and IQR of the samples")
+                f"~{self.cpu_sample_s * 1e3:.0f} ms sample each, after a third as many untimed calls "
+                f"(num_threads={torch.get_num_threads()}), median and IQR of the samples")
 
     def __call__(self, fn: Callable[[], object]) -> Timing:
         return self.interleaved({"fn": fn})["fn"]
@@ -108,6 +111,8 @@ class Timer:
         for _ in range(self.cpu_samples):
             for name, fn in fns.items():
                 n = number[name]
+                for _ in range(max(1, n // 3)):  # untimed: refill the caches the previous side's sample used
+                    fn()
                 start = time.perf_counter()
                 for _ in range(n):
                     fn()
