@@ -275,19 +275,30 @@ const char* multi_lora_cpu_isa() {
   }
 }
 
+namespace {
+
+// out = base + the LoRA term (out may be base itself: in place), for any dtype the kernel takes.
+void run_into(const MultiLoraShape& s, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+              const std::optional<at::Tensor>& adapter_index, const at::Tensor& scaling,
+              const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& base, at::Tensor& out) {
+  if (out.numel() == 0) return;
+  const at::Tensor xc = x.contiguous(), ac = lora_a.contiguous(), bc = lora_b.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_fwd", [&] {
+    run<scalar_t>(s, xc, ac, bc, adapter_index, scaling, ranks, base, out);
+  });
+}
+
+}  // namespace
+
 at::Tensor multi_lora_fwd_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                               const std::optional<at::Tensor>& adapter_index, const at::Tensor& scaling,
                               const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& base) {
   const MultiLoraShape s =
       check_multi_lora(x, lora_a, lora_b, adapter_index, scaling, ranks, base, c10::kCPU);
   at::Tensor out = at::empty({s.N, s.H_out}, x.options());
-  if (out.numel() == 0) return out;
-  const at::Tensor xc = x.contiguous(), ac = lora_a.contiguous(), bc = lora_b.contiguous();
   const std::optional<at::Tensor> basec =
       base.has_value() ? std::optional<at::Tensor>(base->contiguous()) : std::nullopt;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_fwd", [&] {
-    run<scalar_t>(s, xc, ac, bc, adapter_index, scaling, ranks, basec, out);
-  });
+  run_into(s, x, lora_a, lora_b, adapter_index, scaling, ranks, basec, out);
   return out;
 }
 
@@ -296,11 +307,7 @@ at::Tensor multi_lora_add_cpu(const at::Tensor& x, const at::Tensor& lora_a, con
                               const std::optional<at::Tensor>& ranks, at::Tensor base) {
   const MultiLoraShape s = check_multi_lora(x, lora_a, lora_b, adapter_index, scaling, ranks, base, c10::kCPU);
   TORCH_CHECK(base.is_contiguous(), "multi_lora_add_: base must be contiguous (it is written in place)");
-  if (base.numel() == 0) return base;
-  const at::Tensor xc = x.contiguous(), ac = lora_a.contiguous(), bc = lora_b.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_add_", [&] {
-    run<scalar_t>(s, xc, ac, bc, adapter_index, scaling, ranks, base, base);
-  });
+  run_into(s, x, lora_a, lora_b, adapter_index, scaling, ranks, base, base);
   return base;
 }
 

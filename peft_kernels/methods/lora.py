@@ -34,6 +34,14 @@ class _Route:
         self.kernels: dict = {}
         self.eager: Optional[tuple] = None
 
+    def eager_kernels(self, x2: Tensor, dtype: torch.dtype) -> Optional[tuple]:
+        """(kernel, in-place form or None) for rows ``x2`` [N, in] of bank dtype ``dtype``, when an
+        earlier LoRA layer of this call ran such rows straight on that kernel; else None."""
+        eager = self.eager
+        if eager is not None and eager[0] == x2.shape[0] and eager[1] is dtype and eager[2] is x2.is_cuda:
+            return eager[3], eager[4]
+        return None
+
 
 _NO_ROUTE = _Route(None)
 
@@ -239,21 +247,21 @@ class LoraLinear(nn.Module):
         lora_a = self._parameters["lora_A"]
         if index is None or lora_a.shape[0] == 0:
             return _base_forward(base, x)
-        eager = route.eager
-        if (eager is not None and x.dtype is eager[1] and lora_a.dtype is eager[1] and self.merged is None
-                and self.sharding is None and not self.training and _plain_linear(base)):
+        if (route.eager is not None and x.dtype is lora_a.dtype and self.merged is None and self.sharding is None
+                and not self.training and _plain_linear(base)):
             # Inference after the call's first LoRA layer: base GEMM, then the LoRA term added into
             # its fresh output in place, on the kernel that layer chose.
             x2 = x.reshape(-1, x.shape[-1])
-            if x2.shape[0] == eager[0] == index.shape[0] and x2.is_cuda is eager[2]:
+            kernels = route.eager_kernels(x2, x.dtype) if x2.shape[0] == index.shape[0] else None
+            if kernels is not None:
                 params, buffers = base._parameters, self._buffers
                 y = nn.functional.linear(x, params["weight"], params["bias"])
                 args = (x2, lora_a, self._parameters["lora_B"], index, buffers["scaling"], buffers["ranks"],
                         y.view(-1, y.shape[-1]))
-                if eager[4] is not None:
-                    eager[4](*args)
+                if kernels[1] is not None:
+                    kernels[1](*args)
                     return y
-                return eager[3](*args).view(y.shape)
+                return kernels[0](*args).view(y.shape)
         return self._forward(x, _base_forward(base, x), route, index, lora_a)
 
     def _forward(self, x: Tensor, y: Tensor, route: _Route, index: Tensor, lora_a: Tensor) -> Tensor:
@@ -274,15 +282,14 @@ class LoraLinear(nn.Module):
             x2 = self._row_dropout(x2, index)
         buffers = self._buffers
         args = (x2, lora_a, self._parameters["lora_B"], index, buffers["scaling"], buffers["ranks"], y2)
-        eager = route.eager
         if self.sharding is not None:
             out = self.sharding.forward(*args)
-        elif eager is not None and eager[0] == x2.shape[0] and eager[1] is dtype and eager[2] is x2.is_cuda:
-            out = eager[3](*args)
+        elif (kernels := route.eager_kernels(x2, dtype)) is not None:
+            out = kernels[0](*args)
         else:
             out = multi_lora_rows(*args, kernels=route.kernels)
             kernel = chosen_kernel(route.kernels, x2)
-            if eager is None and kernel is not None:
+            if route.eager is None and kernel is not None:
                 route.eager = (x2.shape[0], dtype, x2.is_cuda, kernel, in_place_kernel(kernel))
         if out.dtype != y.dtype:
             out = out.to(y.dtype)

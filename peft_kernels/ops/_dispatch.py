@@ -184,7 +184,7 @@ def call(op: str, registered: Callable, args: tuple, device: torch.device, diffe
     """
     memo_key = None
     if memo is not None:
-        memo_key = (op, device, *key)
+        memo_key = memo_key_of(op, device, key)
         kernel = memo.get(memo_key)
         if kernel is not None:
             return kernel(*args)
@@ -196,6 +196,11 @@ def call(op: str, registered: Callable, args: tuple, device: torch.device, diffe
     if memo_key is not None and not torch.is_grad_enabled():
         memo[memo_key] = kernel
     return kernel(*args)
+
+
+def memo_key_of(op: str, device: torch.device, key: tuple) -> tuple:
+    """Where :func:`call` keeps, in a call's memo, the kernel it chose for ``op`` on ``device`` with ``key``."""
+    return (op, device, *key)
 
 
 def _has_bf16(args: tuple) -> bool:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _ext, reference
 from . import _checks as C
-from ._dispatch import call, register_autograd, register, register_native, select
+from ._dispatch import call, memo_key_of, register_autograd, register, register_native, select
 
 
 @torch.library.custom_op("peft_kernels::multi_lora", mutates_args=())
@@ -141,7 +141,11 @@ def multi_lora_rows(x: Tensor, lora_a: Tensor, lora_b: Tensor, adapter_index: Op
     registered op).
     """
     args = (x, lora_a, lora_b, adapter_index, scaling, ranks, base)
-    return call("multi_lora", _lora_op, args, x.device, (x, lora_a, lora_b, base), kernels, (x.shape[0], x.dtype))
+    return call("multi_lora", _lora_op, args, x.device, (x, lora_a, lora_b, base), kernels, _memo_key(x))
+
+
+def _memo_key(x: Tensor) -> tuple:
+    return (x.shape[0], x.dtype)  # what _native_supports reads, besides the device
 
 
 def chosen_kernel(kernels: dict, x: Tensor) -> Optional[Callable]:
@@ -150,7 +154,7 @@ def chosen_kernel(kernels: dict, x: Tensor) -> Optional[Callable]:
 
     Semantics: a caller that gets a kernel may call it with the same arguments as
     ``multi_lora_rows`` for the rest of that call (nothing there needs autograd)."""
-    return kernels.get(("multi_lora", x.device, x.shape[0], x.dtype))
+    return kernels.get(memo_key_of("multi_lora", x.device, _memo_key(x)))
 
 
 def in_place_kernel(kernel: Callable) -> Optional[Callable]:
