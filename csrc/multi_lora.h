@@ -150,6 +150,13 @@ int cpu_isa_level();
 // The instruction set the CPU kernel's micro-kernels run with: "avx512", "avx2" or "baseline".
 const char* multi_lora_cpu_isa();
 
+// y = x @ weight^T + bias + the LoRA term, fp32, in one pass over the weight and the banks (lora_linear.cpp):
+// decode-sized eager inference on an AVX-512 CPU. A plain function only (peft_kernels._C.multi_lora_linear).
+bool multi_lora_linear_available();
+at::Tensor multi_lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& adapter_index,
+                                 const at::Tensor& scaling, const at::Tensor& ranks);
+
 at::Tensor multi_lora_fwd_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                               const std::optional<at::Tensor>& adapter_index, const at::Tensor& scaling,
                               const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& base);

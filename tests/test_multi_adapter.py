@@ -276,3 +276,34 @@ def test_multi_lora_add_adds_in_place_what_multi_lora_fwd_returns():
     torch.testing.assert_close(target, want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="contiguous"):
         _ext.CPU.module.multi_lora_add_(x, a, b, index, scaling, ranks, base.t().contiguous().t())
+
+
+def test_decode_steps_run_the_base_linear_and_the_lora_term_in_one_kernel(peft_dirs, monkeypatch):
+    import sys
+
+    from peft_kernels import _ext
+
+    if _ext.CPU.module is None or not _ext.CPU.build_info.get("multi_lora_linear"):
+        pytest.skip("multi_lora_linear needs the C++ extension on an AVX-512 CPU")
+    lora = sys.modules["peft_kernels.methods.lora"]
+    model = _multi(peft_dirs).eval()
+    names = ["lora_qv", "prefix", "lora_all", None, "lora_all"]
+    ids, _ = batch(B=len(names), L=5)
+    calls = []
+    real = _ext.CPU.module.multi_lora_linear
+    monkeypatch.setattr(_ext.CPU.module, "multi_lora_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(ids, adapter_names=names, max_new_tokens=3, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.logits)
+
+    fused_tokens, fused_logits = run()
+    assert calls and set(calls) == {len(names)}  # the decode steps' LoRA layers (rows x 1 token)
+    monkeypatch.setattr(lora, "fused_linear_kernel", lambda kernel, x: None)
+    n = len(calls)
+    tokens, logits = run()
+    assert len(calls) == n  # F.linear + multi_lora_add_ this time
+    assert torch.equal(fused_tokens, tokens)
+    torch.testing.assert_close(fused_logits, logits, atol=1e-5, rtol=1e-5)

@@ -57,6 +57,7 @@ pybind11::dict build_info() {
 #endif
   info["cplusplus"] = __cplusplus;
   info["multi_lora_isa"] = peft_kernels::multi_lora_cpu_isa();
+  info["multi_lora_linear"] = peft_kernels::multi_lora_linear_available();
   return info;
 }
 

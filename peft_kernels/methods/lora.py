@@ -16,15 +16,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
-from ..ops.multi_lora import chosen_kernel, in_place_kernel, multi_lora_rows
+from ..ops.multi_lora import chosen_kernel, fused_linear_kernel, in_place_kernel, multi_lora_rows
 from .selection import name_matches
 
 
 class _Route:
     """One call's routing: the slot index, its per-token expansions (built once per length) and
     the LoRA kernel its layers run on (chosen by the first layer: ``multi_lora_rows``' memo).
-    ``eager`` = (rows, dtype, on CUDA, kernel, its in-place form or None) once a layer's rows went
-    straight to a kernel (no autograd): later layers with such rows call it directly."""
+    ``eager`` = (rows, dtype, on CUDA, kernel, its in-place form or None, its fused-linear form or None)
+    once a layer's rows went straight to a kernel (no autograd): later layers with such rows call it
+    directly."""
 
     __slots__ = ("index", "per_token", "kernels", "eager")
 
@@ -35,11 +36,12 @@ class _Route:
         self.eager: Optional[tuple] = None
 
     def eager_kernels(self, x2: Tensor, dtype: torch.dtype) -> Optional[tuple]:
-        """(kernel, in-place form or None) for rows ``x2`` [N, in] of bank dtype ``dtype``, when an
-        earlier LoRA layer of this call ran such rows straight on that kernel; else None."""
+        """(kernel, in-place form or None, fused-linear form or None) for rows ``x2`` [N, in] of bank
+        dtype ``dtype``, when an earlier LoRA layer of this call ran such rows straight on that kernel;
+        else None."""
         eager = self.eager
         if eager is not None and eager[0] == x2.shape[0] and eager[1] is dtype and eager[2] is x2.is_cuda:
-            return eager[3], eager[4]
+            return eager[3:]
         return None
 
 
@@ -255,7 +257,12 @@ class LoraLinear(nn.Module):
             kernels = route.eager_kernels(x2, x.dtype) if x2.shape[0] == index.shape[0] else None
             if kernels is not None:
                 params, buffers = base._parameters, self._buffers
-                y = nn.functional.linear(x, params["weight"], params["bias"])
+                weight = params["weight"]
+                if kernels[2] is not None and weight.dtype is x.dtype:  # base GEMM and LoRA term in one pass
+                    y2 = kernels[2](x2, weight, params["bias"], lora_a, self._parameters["lora_B"], index,
+                                    buffers["scaling"], buffers["ranks"])
+                    return y2.view(*x.shape[:-1], y2.shape[-1])
+                y = nn.functional.linear(x, weight, params["bias"])
                 args = (x2, lora_a, self._parameters["lora_B"], index, buffers["scaling"], buffers["ranks"],
                         y.view(-1, y.shape[-1]))
                 if kernels[1] is not None:
@@ -289,8 +296,10 @@ class LoraLinear(nn.Module):
         else:
             out = multi_lora_rows(*args, kernels=route.kernels)
             kernel = chosen_kernel(route.kernels, x2)
-            if route.eager is None and kernel is not None:
-                route.eager = (x2.shape[0], dtype, x2.is_cuda, kernel, in_place_kernel(kernel))
+            # A new row count (generate: the prefill, then each step) replaces the earlier choice.
+            if kernel is not None and (route.eager is None or route.eager[0] != x2.shape[0]):
+                route.eager = (x2.shape[0], dtype, x2.is_cuda, kernel, in_place_kernel(kernel),
+                               fused_linear_kernel(kernel, x2))
         if out.dtype != y.dtype:
             out = out.to(y.dtype)
         return out if y.dim() == 2 else out.view(y.shape)

@@ -169,6 +169,25 @@ def in_place_kernel(kernel: Callable) -> Optional[Callable]:
     return None
 
 
+FUSED_LINEAR_MAX_ROWS = 32  # up to here the fused kernel beats MKL's sgemm + the LoRA kernel (bench/README.md)
+
+
+def fused_linear_kernel(kernel: Callable, x: Tensor) -> Optional[Callable]:
+    """The kernel that computes ``F.linear(x, weight, bias)`` plus the LoRA term in one pass, for rows
+    like ``x`` [N, H_in] that ran on ``kernel`` (a multi_lora backend's), or None.
+
+    Arguments (x, weight [H_out, H_in], bias [H_out] or None, lora_a, lora_b, adapter_index [N], scaling,
+    ranks) -> y [N, H_out]. Semantics: only the C++ CPU kernel has one (``peft_kernels._C.multi_lora_linear``),
+    for float32 on an AVX-512 CPU and at most ``FUSED_LINEAR_MAX_ROWS`` rows (decode), where MKL's sgemm
+    spends most of its time packing the weight; it reads the weight and the banks once. The base part's
+    sums run in another order than MKL's (float32 rounding, not bitwise), the same for every row alone."""
+    ext = _ext.CPU.module
+    if (ext is not None and kernel is getattr(ext, "multi_lora_fwd", None) and x.dtype is torch.float32
+            and x.shape[0] <= FUSED_LINEAR_MAX_ROWS and _ext.CPU.build_info.get("multi_lora_linear")):
+        return ext.multi_lora_linear
+    return None
+
+
 def _check(x, lora_a, lora_b, adapter_index, scaling, ranks, base) -> None:
     """Shapes, dtypes, devices and (on the host) ranks; the index is checked after expansion."""
     if not isinstance(x, Tensor) or x.dim() < 2:
