@@ -47,16 +47,7 @@ constexpr int64_t kMinMacsPerThread = 512 * 1024;
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #endif
 
-inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
-
-// The lane sums of v0..v3 as one 4-lane vector: [sum v0, sum v1, sum v2, sum v3].
-inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
-  auto half = [](__m512 v) {
-    const __m256 y = _mm256_add_ps(_mm512_maskz_extractf32x8_ps(0xFF, v, 0), _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
-  };
-  return _mm_hadd_ps(_mm_hadd_ps(half(v0), half(v1)), _mm_hadd_ps(half(v2), half(v3)));
-}
+#include "avx512_helpers.inc"  // lanes(), reduce4()
 
 // h[j] = s * dot(x, a[j]) for j < r; h[j] = 0 for r <= j < Rp (Rp: r rounded up to 16).
 void shrink_row(const float* x, const float* a, int64_t r, int64_t K, float s, float* h, int64_t Rp) {
