@@ -238,7 +238,9 @@ class MultiAdapterModel(nn.Module):
         if self.training:
             keep_call_context(self.model)  # recomputed checkpointed blocks see this call's routing
         with contextlib.ExitStack() as stack:
-            batch = Batch(names, self.adapters, device or self.device, stack, slots_per_row=slots_per_row, memo=memo)
+            configs = self.configs  # the types of this call's adapters only: a server may hold thousands
+            kind_of = {n: configs[n]["peft_type"] for n in set(names) if n is not None}
+            batch = Batch(names, kind_of, device or self.device, stack, slots_per_row=slots_per_row, memo=memo)
             for kind in self.kinds.values():
                 kind.route(batch)
             yield batch

@@ -284,7 +284,7 @@ def test_decode_steps_run_the_base_linear_and_the_lora_term_in_one_kernel(peft_d
     from peft_kernels import _ext
 
     if _ext.CPU.module is None or not _ext.CPU.build_info.get("multi_lora_linear"):
-        pytest.skip("multi_lora_linear needs the C++ extension on an AVX-512 CPU")
+        pytest.skip("multi_lora_linear needs the C++ extension on an AVX2 or AVX-512 CPU")
     lora = sys.modules["peft_kernels.methods.lora"]
     model = _multi(peft_dirs).eval()
     names = ["lora_qv", "prefix", "lora_all", None, "lora_all"]

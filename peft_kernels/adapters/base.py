@@ -62,8 +62,8 @@ def as_config_dict(config) -> dict:
 class Batch:
     """One call's routing, built by the kinds and kept in the call (never on a module).
 
-    Semantics: ``names`` [B] is each row's adapter (None: base model); ``kind_of`` maps a
-    name to its kind's ``peft_type``; kinds enter their per-call state (a
+    Semantics: ``names`` [B] is each row's adapter (None: base model); ``kind_of`` maps each
+    of these names to its kind's ``peft_type``; kinds enter their per-call state (a
     ``contextvars``-backed ``use`` block) with :meth:`enter`; soft-prompt kinds put each
     row's prompt module in ``prompts`` (``{name: module}``) so one fused embed serves them all.
     A packed call sets ``slots_per_row`` [B] (the stream slots of each row's sequence): per-token

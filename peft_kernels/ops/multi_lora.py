@@ -169,8 +169,9 @@ def in_place_kernel(kernel: Callable) -> Optional[Callable]:
     return None
 
 
-# Up to here the fused kernel was never slower than MKL's sgemm + the LoRA kernel (1.0-2.4x on one thread,
-# 1.3-4x on two; hidden 256-2048, caches hot or flushed; AMD EPYC); at 64 rows it sometimes was.
+# Up to here the fused kernel was never slower than MKL's sgemm + the LoRA kernel (hidden 256-2048; AVX-512
+# on a Zen 4: 1.0-2.4x on one thread, 1.3-4x on two, caches hot or flushed; AVX2 on a Zen 3: 1.07-2.0x on
+# one thread); at 64 rows it sometimes was.
 FUSED_LINEAR_MAX_ROWS = 32
 
 
@@ -180,7 +181,7 @@ def fused_linear_kernel(kernel: Callable, x: Tensor) -> Optional[Callable]:
 
     Arguments (x, weight [H_out, H_in], bias [H_out] or None, lora_a, lora_b, adapter_index [N], scaling,
     ranks) -> y [N, H_out]. Semantics: only the C++ CPU kernel has one (``peft_kernels._C.multi_lora_linear``),
-    for float32 on an AVX-512 CPU and at most ``FUSED_LINEAR_MAX_ROWS`` rows (decode), where MKL's sgemm
+    for float32 on an AVX2 or AVX-512 CPU and at most ``FUSED_LINEAR_MAX_ROWS`` rows (decode), where MKL's sgemm
     spends most of its time packing the weight; it reads the weight and the banks once. The base part's
     sums run in another order than MKL's (float32 rounding, not bitwise), the same for every row alone."""
     ext = _ext.CPU.module
